@@ -1,0 +1,62 @@
+# poolbudget-operator — every entry point a developer or CI uses.
+#   make demo   fresh machine -> local control plane + PostgreSQL + operator, worked example
+#   make test   everything CI runs (lint, types, architecture, unit, PostgreSQL, cluster tests)
+# Slow artefacts (Go-built binaries, Go module cache, pip wheels) are cached outside the repo
+# under $(POOLBUDGET_CACHE); the virtualenv lives in .venv and is rebuilt when pyproject changes.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export POOLBUDGET_CACHE ?= $(HOME)/.cache/poolbudget
+export GOTOOLCHAIN := local
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv postgres binaries lint typecheck archcheck unit test test-fast cluster-up cluster-down demo bench fleet clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.stamp ## create/refresh the virtualenv with the package and dev tools
+
+postgres: ## make sure a PostgreSQL 15 server (Debian) is installed for the tests
+	bash hack/install-postgres.sh
+
+binaries: ## build (or reuse from cache) etcd, kube-apiserver, kube-controller-manager, helm
+	bash hack/build-binaries.sh
+
+lint: venv ## ruff
+	$(VENV)/bin/ruff check operator devtools tests
+	$(VENV)/bin/ruff format --check operator devtools tests
+
+typecheck: venv ## mypy --strict
+	$(VENV)/bin/mypy operator/poolbudget devtools tests
+
+archcheck: venv ## import-linter: the domain stays pure
+	$(VENV)/bin/lint-imports
+
+unit: venv ## pure tests only (no PostgreSQL, no cluster)
+	$(PY) -m pytest -m "not postgres and not cluster and not e2e"
+
+test: venv postgres binaries lint typecheck archcheck ## everything CI runs
+	$(PY) -m pytest
+
+test-fast: venv lint typecheck archcheck unit ## the quick loop while editing
+
+cluster-up: venv binaries ## start a local control plane and print its kubeconfig
+	$(PY) -m devtools.localcluster up
+
+cluster-down: venv ## stop the local control plane started by cluster-up
+	$(PY) -m devtools.localcluster down
+
+clean: ## remove the virtualenv and tool caches inside the repo (not the Go build cache)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .import_linter_cache

@@ -1,0 +1,256 @@
+"""Command line: `poolbudget plan` (offline sizing) and `poolbudget run` (the operator)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import yaml
+from pydantic import ValidationError
+
+from poolbudget import __version__
+from poolbudget.api.v1alpha1 import PoolBudget, ReplicaBasis
+from poolbudget.domain.facts import DatabaseFacts, DeploymentFacts, SurgeError
+from poolbudget.domain.planning import POSTGRES_DEFAULT_SUPERUSER_RESERVED, plan_for
+from poolbudget.domain.report import plan_table
+from poolbudget.domain.sizing import BudgetLimits, BudgetPlan, TargetDemand, plan_budget
+
+EXIT_OK = 0
+EXIT_INFEASIBLE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: scripts and humans both read the first line.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="poolbudget",
+        description="Keep PostgreSQL connection pools inside the database's connection limit.",
+    )
+    parser.add_argument("--version", action="version", version=f"poolbudget {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    plan = commands.add_parser(
+        "plan",
+        help="compute pool sizes offline (no cluster, no database)",
+        description=(
+            "Simple case: --max-connections, --reserved, --workers, --max-overflow. "
+            "Full case: -f POOLBUDGET.yaml plus --replicas/--hpa-max/--max-surge per target."
+        ),
+    )
+    limits = plan.add_argument_group("database limits")
+    limits.add_argument("--max-connections", type=_positive, help="PostgreSQL max_connections")
+    limits.add_argument(
+        "--superuser-reserved",
+        type=_non_negative,
+        default=POSTGRES_DEFAULT_SUPERUSER_RESERVED,
+        help="superuser_reserved_connections (default: PostgreSQL's default, 3)",
+    )
+    limits.add_argument(
+        "--pg-reserved",
+        type=_non_negative,
+        default=0,
+        help="reserved_connections, PostgreSQL 16+ (default 0)",
+    )
+    simple = plan.add_argument_group("simple case: one fleet of workers")
+    simple.add_argument("--reserved", type=_non_negative, help="connections held back (default 10)")
+    simple.add_argument("--workers", type=_positive, help="processes with a pool, in total")
+    simple.add_argument("--max-overflow", type=_non_negative, help="max_overflow (default 5)")
+    simple.add_argument("--min-pool-size", type=_positive, default=1, help="minimum pool size")
+    full = plan.add_argument_group("full case: a PoolBudget file")
+    full.add_argument("-f", "--file", type=Path, help="a PoolBudget YAML file")
+    full.add_argument(
+        "--replicas",
+        type=_assignment,
+        action="append",
+        default=[],
+        metavar="DEPLOYMENT=N",
+        help="current replicas of a target (default 1); repeat per target",
+    )
+    full.add_argument(
+        "--hpa-max",
+        type=_assignment,
+        action="append",
+        default=[],
+        metavar="DEPLOYMENT=N",
+        help="maxReplicas of the HPA scaling a target",
+    )
+    full.add_argument(
+        "--max-surge",
+        type=_assignment,
+        action="append",
+        default=[],
+        metavar="DEPLOYMENT=N|P%%",
+        help="rollingUpdate.maxSurge of a target (default 25%%, as Kubernetes)",
+    )
+    plan.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    return parser
+
+
+def _plan_simple(args: argparse.Namespace) -> BudgetPlan:
+    if args.max_connections is None or args.workers is None:
+        raise UsageError("the simple case needs --max-connections and --workers (or use -f FILE)")
+    limits = BudgetLimits(
+        max_connections=args.max_connections,
+        withheld_by_server=args.superuser_reserved + args.pg_reserved,
+        reserved_connections=10 if args.reserved is None else args.reserved,
+    )
+    demand = TargetDemand(
+        name="app",
+        pods=1,
+        processes_per_pod=args.workers,
+        min_pool_size=args.min_pool_size,
+        max_overflow=5 if args.max_overflow is None else args.max_overflow,
+    )
+    return plan_budget(limits, [demand])
+
+
+def _per_target(pairs: list[tuple[str, str]], flag: str, known: set[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in known:
+            raise UsageError(f"{flag} {name}: not a target of this PoolBudget")
+        values[name] = value
+    return values
+
+
+def _int_value(flag: str, name: str, text: str) -> int:
+    try:
+        return _non_negative(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"{flag} {name}: {exc}") from None
+
+
+def _load_budget(path: Path) -> PoolBudget:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(document, dict) or document.get("kind") != "PoolBudget":
+        raise UsageError(f"{path}: not a PoolBudget (expected kind: PoolBudget)")
+    try:
+        return PoolBudget.model_validate(document)
+    except ValidationError as exc:
+        raise UsageError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first error as `field.path: message`, in the CRD's camelCase field names."""
+    error = exc.errors()[0]
+    location = ""
+    for part in error["loc"]:
+        location += f"[{part}]" if isinstance(part, int) else (f".{part}" if location else part)
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    message = message.removeprefix("Value error, ")
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{location}: {message}{extra}" if location else f"{message}{extra}"
+
+
+def _plan_file(args: argparse.Namespace) -> tuple[BudgetPlan, dict[str, int]]:
+    budget = _load_budget(args.file)
+    spec = budget.spec
+    known = {t.deployment_name for t in spec.targets}
+    replicas_text = _per_target(args.replicas, "--replicas", known)
+    hpa_text = _per_target(args.hpa_max, "--hpa-max", known)
+    surge_text = _per_target(args.max_surge, "--max-surge", known)
+
+    max_connections = args.max_connections or spec.database.max_connections_override
+    if max_connections is None:
+        raise UsageError(
+            "--max-connections is required: the file sets no spec.database.maxConnectionsOverride"
+        )
+    database = DatabaseFacts(
+        max_connections=max_connections,
+        superuser_reserved_connections=args.superuser_reserved,
+        reserved_connections=args.pg_reserved,
+    )
+    deployments: dict[str, DeploymentFacts] = {}
+    replicas: dict[str, int] = {}
+    for name in sorted(known):
+        replicas[name] = _int_value("--replicas", name, replicas_text.get(name, "1"))
+        hpa = hpa_text.get(name)
+        deployment = DeploymentFacts(
+            name=name,
+            replicas=replicas[name],
+            max_surge=surge_text.get(name),
+            hpa_max_replicas=None if hpa is None else _int_value("--hpa-max", name, hpa),
+        )
+        try:
+            deployment.pods_worst_case(ReplicaBasis.WORST_CASE)
+        except SurgeError as exc:
+            raise UsageError(f"--max-surge {name}: {exc}") from None
+        deployments[name] = deployment
+    return plan_for(spec, database, deployments), replicas
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    simple_flags = [args.workers, args.reserved, args.max_overflow]
+    if args.file is not None and any(v is not None for v in simple_flags):
+        raise UsageError("--workers/--reserved/--max-overflow are for the simple case; drop -f")
+    replicas: dict[str, int] | None = None
+    if args.file is not None:
+        plan, replicas = _plan_file(args)
+    else:
+        plan = _plan_simple(args)
+    if args.output == "json":
+        print(json.dumps(plan.model_dump(mode="json", by_alias=True), indent=2))
+    else:
+        print(plan_table(plan, replicas))
+    return EXIT_OK if plan.feasible else EXIT_INFEASIBLE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_plan(args)
+    except UsageError as exc:
+        print(f"poolbudget {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

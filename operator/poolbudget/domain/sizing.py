@@ -1,0 +1,280 @@
+"""The sizing engine: how many connections each target's pool may hold.
+
+Every worker process of a target opens up to ``pool_size + max_overflow`` connections, so
+a target's peak is ``workers * (pool_size + max_overflow)`` and a plan is safe when the sum
+of peaks fits in the usable connections.
+
+How the budget is shared — a weighted water-fill:
+
+* A single *level* λ (connections per unit of weight) is raised from zero. At level λ a
+  target's pool is ``floor(λ * weight / workers) - max_overflow``, clamped to
+  ``[minPoolSize, maxPoolSize]``; the level stops at the highest value whose total peak
+  still fits. One target therefore gets exactly the classic
+  ``floor(usable / workers) - max_overflow``; several targets get peaks proportional to
+  their weights; a target held at its ``maxPoolSize`` stops growing and the others keep
+  rising, so what it does not use goes to them.
+* Because every pool is a non-decreasing function of the one level, more usable
+  connections never shrink any pool, and a replica change moves pools only through the
+  level. Leftover connections smaller than the next step of the fill stay as headroom.
+  Handing them to whichever target they happen to fit would waste less, but then a larger
+  ``max_connections`` could shrink someone else's pool (and restart it); stability wins.
+
+When even ``minPoolSize`` for everyone does not fit, ``max_overflow`` is lowered first — one
+common cap for all targets, as high as fits, pools held at their minimum — and if the
+minimum pools do not fit with no overflow at all, the plan is infeasible and says which
+target needs what and how many connections are missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from enum import StrEnum
+from functools import reduce
+
+from pydantic import Field, computed_field, model_validator
+
+from poolbudget.domain.facts import Frozen
+
+
+class TargetDemand(Frozen):
+    """One target as the planner sees it: worst-case pods and the pool bounds."""
+
+    name: str = Field(min_length=1)
+    pods: int = Field(ge=1, description="pods budgeted for (worst case, surge included)")
+    processes_per_pod: int = Field(ge=1)
+    weight: int = Field(default=1, ge=1)
+    min_pool_size: int = Field(default=1, ge=1)
+    max_pool_size: int | None = Field(default=None, ge=1)
+    max_overflow: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> TargetDemand:
+        if self.max_pool_size is not None and self.max_pool_size < self.min_pool_size:
+            raise ValueError(
+                f"target {self.name}: maxPoolSize {self.max_pool_size} "
+                f"is below minPoolSize {self.min_pool_size}"
+            )
+        return self
+
+    @property
+    def workers(self) -> int:
+        return self.pods * self.processes_per_pod
+
+
+class BudgetLimits(Frozen):
+    """The connection limit and everything held back from it."""
+
+    max_connections: int = Field(ge=0)
+    # superuser_reserved_connections + reserved_connections (PostgreSQL 16+).
+    withheld_by_server: int = Field(default=0, ge=0)
+    # spec.reservedConnections: admin, monitoring, migrations, the operator itself.
+    reserved_connections: int = Field(default=0, ge=0)
+
+    @property
+    def usable(self) -> int:
+        return self.max_connections - self.withheld_by_server - self.reserved_connections
+
+
+class Verdict(StrEnum):
+    FEASIBLE = "Feasible"
+    OVERFLOW_REDUCED = "OverflowReduced"
+    INFEASIBLE = "Infeasible"
+
+
+class Allocation(Frozen):
+    """What one target gets."""
+
+    name: str
+    pods: int
+    workers: int
+    weight: int
+    pool_size: int
+    max_overflow: int
+    # The overflow the spec asked for; above max_overflow when the plan had to lower it.
+    requested_max_overflow: int
+    at_max_pool_size: bool
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def peak_connections(self) -> int:
+        return self.workers * (self.pool_size + self.max_overflow)
+
+
+class BudgetPlan(Frozen):
+    """The outcome of planning: allocations plus a verdict a human can read."""
+
+    max_connections: int
+    withheld_by_server: int
+    reserved_connections: int
+    usable_connections: int
+    allocations: tuple[Allocation, ...]
+    verdict: Verdict
+    reason: str
+    # Connections missing for the minimum pools with no overflow; 0 unless infeasible.
+    shortfall: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def feasible(self) -> bool:
+        return self.verdict is not Verdict.INFEASIBLE
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def peak_connections(self) -> int:
+        return sum(a.peak_connections for a in self.allocations)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def headroom(self) -> int:
+        return self.usable_connections - self.peak_connections
+
+    def allocation(self, name: str) -> Allocation:
+        for allocation in self.allocations:
+            if allocation.name == name:
+                return allocation
+        raise KeyError(name)
+
+
+class DuplicateTargetError(ValueError):
+    """Two targets with the same name in one budget."""
+
+
+def plan_budget(limits: BudgetLimits, demands: Sequence[TargetDemand]) -> BudgetPlan:
+    """Compute every target's pool size and overflow so the worst case fits."""
+    names = [d.name for d in demands]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DuplicateTargetError(f"targets must be unique, repeated: {', '.join(duplicates)}")
+
+    usable = limits.usable
+
+    def make_plan(
+        pools: Sequence[int], overflows: Sequence[int], verdict: Verdict, reason: str, short: int
+    ) -> BudgetPlan:
+        allocations = tuple(
+            Allocation(
+                name=d.name,
+                pods=d.pods,
+                workers=d.workers,
+                weight=d.weight,
+                pool_size=pool,
+                max_overflow=overflow,
+                requested_max_overflow=d.max_overflow,
+                at_max_pool_size=d.max_pool_size is not None and pool >= d.max_pool_size,
+            )
+            for d, pool, overflow in zip(demands, pools, overflows, strict=True)
+        )
+        return BudgetPlan(
+            max_connections=limits.max_connections,
+            withheld_by_server=limits.withheld_by_server,
+            reserved_connections=limits.reserved_connections,
+            usable_connections=usable,
+            allocations=allocations,
+            verdict=verdict,
+            reason=reason,
+            shortfall=short,
+        )
+
+    minimum_pools = [d.min_pool_size for d in demands]
+    full_overflow = [d.max_overflow for d in demands]
+    if not demands:
+        return make_plan([], [], Verdict.FEASIBLE, "no targets", 0)
+
+    if _peak(demands, minimum_pools, full_overflow) <= usable:
+        pools = _water_fill(demands, usable)
+        peak = _peak(demands, pools, full_overflow)
+        reason = (
+            f"{len(demands)} target(s) peak at {peak} of {usable} usable connections "
+            f"({usable - peak} headroom)"
+        )
+        return make_plan(pools, full_overflow, Verdict.FEASIBLE, reason, 0)
+
+    # Not even the minimum pools fit with the requested overflow: lower overflow first.
+    cap = _highest_overflow_cap(demands, usable)
+    if cap is not None:
+        overflows = [min(d.max_overflow, cap) for d in demands]
+        lowered = [d.name for d in demands if d.max_overflow > cap]
+        peak = _peak(demands, minimum_pools, overflows)
+        reason = (
+            f"max_overflow lowered to {cap} for {', '.join(lowered)}: minimum pools with the "
+            f"requested overflow need {_peak(demands, minimum_pools, full_overflow)} "
+            f"connections, {usable} usable"
+        )
+        return make_plan(minimum_pools, overflows, Verdict.OVERFLOW_REDUCED, reason, 0)
+
+    no_overflow = [0] * len(demands)
+    needed = _peak(demands, minimum_pools, no_overflow)
+    short = needed - usable
+    largest = max(demands, key=lambda d: (d.workers * d.min_pool_size, d.name))
+    reason = (
+        f"short by {short} connection(s): minimum pools with no overflow need {needed}, "
+        f"{usable} usable (max_connections {limits.max_connections} - {limits.withheld_by_server}"
+        f" withheld by PostgreSQL - {limits.reserved_connections} reserved); largest need: "
+        f"{largest.name} ({largest.workers} workers x minPoolSize {largest.min_pool_size}"
+        f" = {largest.workers * largest.min_pool_size})"
+    )
+    return make_plan(minimum_pools, no_overflow, Verdict.INFEASIBLE, reason, short)
+
+
+def _peak(demands: Sequence[TargetDemand], pools: Sequence[int], overflows: Sequence[int]) -> int:
+    return sum(d.workers * (p + o) for d, p, o in zip(demands, pools, overflows, strict=True))
+
+
+def _highest_overflow_cap(demands: Sequence[TargetDemand], usable: int) -> int | None:
+    """Largest common overflow cap under which the minimum pools fit; None if even 0 fails."""
+    minimum_pools = [d.min_pool_size for d in demands]
+
+    def fits(cap: int) -> bool:
+        return _peak(demands, minimum_pools, [min(d.max_overflow, cap) for d in demands]) <= usable
+
+    if not fits(0):
+        return None
+    # fits(low) holds; the caller established that fits(high) does not.
+    low, high = 0, max(d.max_overflow for d in demands)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _water_fill(demands: Sequence[TargetDemand], usable: int) -> list[int]:
+    """Pool sizes at the highest fill level whose total peak fits in ``usable``.
+
+    The level is kept as an integer ``mu`` in units of ``1/scale`` connections per weight,
+    where ``scale`` is the lcm of the weights, so every step of every target lands on an
+    integer and a binary search over integers finds the level exactly (ties included).
+    """
+    scale = reduce(math.lcm, (d.weight for d in demands), 1)
+
+    def pools_at(mu: int) -> list[int]:
+        pools = []
+        for d in demands:
+            pool = (mu * d.weight) // (d.workers * scale) - d.max_overflow
+            pool = max(pool, d.min_pool_size)
+            if d.max_pool_size is not None:
+                pool = min(pool, d.max_pool_size)
+            pools.append(pool)
+        return pools
+
+    overflows = [d.max_overflow for d in demands]
+
+    def total_at(mu: int) -> int:
+        return _peak(demands, pools_at(mu), overflows)
+
+    # Past this level every uncapped target alone would exceed the budget.
+    high = max((usable + (d.max_overflow + 1) * d.workers) * scale // d.weight for d in demands)
+    high += 1
+    if total_at(high) <= usable:  # everyone is held at maxPoolSize
+        return pools_at(high)
+    low = 0  # total_at(0) is the minimum, which the caller checked fits
+    while high - low > 1:
+        middle = (low + high) // 2
+        if total_at(middle) <= usable:
+            low = middle
+        else:
+            high = middle
+    return pools_at(low)
