@@ -13,11 +13,13 @@ How the budget is shared — a weighted water-fill:
   ``floor(usable / workers) - max_overflow``; several targets get peaks proportional to
   their weights; a target held at its ``maxPoolSize`` stops growing and the others keep
   rising, so what it does not use goes to them.
-* Because every pool is a non-decreasing function of the one level, more usable
-  connections never shrink any pool, and a replica change moves pools only through the
-  level. Leftover connections smaller than the next step of the fill stay as headroom.
-  Handing them to whichever target they happen to fit would waste less, but then a larger
-  ``max_connections`` could shrink someone else's pool (and restart it); stability wins.
+* Targets that step up at the same level step one at a time in a fixed order (fewest
+  workers first, then name), so the fill is one ordered sequence of steps and the plan is
+  the longest prefix of it that fits. Every pool is therefore a non-decreasing function of
+  the usable connections: a larger ``max_connections`` never shrinks a pool.
+* What is left is smaller than the next step of the fill. Handing it to any other target
+  it happens to fit would waste less, but then a larger ``max_connections`` could shrink
+  someone's pool (and restart that Deployment); stability wins. See the README.
 
 When even ``minPoolSize`` for everyone does not fit, ``max_overflow`` is lowered first — one
 common cap for all targets, as high as fits, pools held at their minimum — and if the
@@ -277,4 +279,19 @@ def _water_fill(demands: Sequence[TargetDemand], usable: int) -> list[int]:
             low = middle
         else:
             high = middle
-    return pools_at(low)
+    pools = pools_at(low)
+    # The targets stepping up at the next level did not all fit together; let them step
+    # one at a time in a fixed order (fewest workers first, then name) while they fit.
+    # A fixed order keeps this part of the one-parameter fill, so it stays monotone.
+    remaining = usable - total_at(low)
+    next_pools = pools_at(low + 1)
+    stepping = sorted(
+        (i for i, (now, then) in enumerate(zip(pools, next_pools, strict=True)) if then > now),
+        key=lambda i: (demands[i].workers, demands[i].name),
+    )
+    for i in stepping:
+        if demands[i].workers > remaining:
+            break
+        pools[i] += 1
+        remaining -= demands[i].workers
+    return pools
