@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from poolbudget import __version__
-from poolbudget.api.v1alpha1 import PoolBudget, ReplicaBasis
+from poolbudget.api.v1alpha1 import PoolBudget, ReplicaBasis, describe_validation_error
 from poolbudget.domain.facts import DatabaseFacts, DeploymentFacts, SurgeError
 from poolbudget.domain.planning import POSTGRES_DEFAULT_SUPERUSER_RESERVED, plan_for
 from poolbudget.domain.report import plan_table
@@ -123,6 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="rollingUpdate.maxSurge of a target (default 25%%, as Kubernetes)",
     )
     plan.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
+    run = commands.add_parser(
+        "run",
+        help="run the operator (Kopf) against the current kubeconfig or in-cluster",
+        description="Watches PoolBudgets, Deployments and HPAs; writes ConfigMaps; rolls pods.",
+    )
+    run.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeat for more); default: all namespaces",
+    )
+    run.add_argument("--metrics-port", type=_non_negative, default=8080, help="0 disables")
+    run.add_argument("--health-port", type=_non_negative, default=8081, help="0 disables")
+    run.add_argument("--bind-address", default="0.0.0.0", help="address for metrics and health")  # noqa: S104 - in a pod
+    run.add_argument(
+        "--peering",
+        default=None,
+        metavar="NAME",
+        help="coordinate replicas through this KopfPeering; default: standalone (one replica)",
+    )
+    run.add_argument("--priority", type=_non_negative, default=0, help="peering priority")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
@@ -173,20 +197,6 @@ def _load_budget(path: Path) -> PoolBudget:
         return PoolBudget.model_validate(document)
     except ValidationError as exc:
         raise UsageError(f"{path}: {describe_validation_error(exc)}") from None
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """The first error as `field.path: message`, in the CRD's camelCase field names."""
-    error = exc.errors()[0]
-    location = ""
-    for part in error["loc"]:
-        location += f"[{part}]" if isinstance(part, int) else (f".{part}" if location else part)
-    message = error["msg"]
-    if error["type"] == "extra_forbidden":
-        message = "unknown field"
-    message = message.removeprefix("Value error, ")
-    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{location}: {message}{extra}" if location else f"{message}{extra}"
 
 
 def _plan_file(args: argparse.Namespace) -> tuple[BudgetPlan, dict[str, int]]:
@@ -246,7 +256,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run_plan(args)
+        if args.command == "plan":
+            return run_plan(args)
+        # Imported here: the operator's dependencies (kopf, lightkube, asyncpg) are an
+        # extra, and `poolbudget plan` must work without them.
+        from poolbudget.operator import run_operator
+
+        return run_operator(
+            namespaces=args.namespace,
+            metrics_port=args.metrics_port,
+            health_port=args.health_port,
+            bind_address=args.bind_address,
+            peering=args.peering,
+            priority=args.priority,
+            verbose=args.verbose,
+        )
     except UsageError as exc:
         print(f"poolbudget {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "poolbudget.dev"
@@ -147,3 +147,17 @@ class PoolBudget(CamelModel):
     spec: PoolBudgetSpec
     # Status is the operator's to write; a file copied from `kubectl get -o yaml` may carry it.
     status: dict[str, object] | None = None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first error as `field.path: message`, in the CRD's camelCase field names."""
+    error = exc.errors()[0]
+    location = ""
+    for part in error["loc"]:
+        location += f"[{part}]" if isinstance(part, int) else (f".{part}" if location else part)
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    message = message.removeprefix("Value error, ")
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{location}: {message}{extra}" if location else f"{message}{extra}"

@@ -1,0 +1,99 @@
+"""status.conditions the Kubernetes way: keyed by type, lastTransitionTime only on flips."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from poolbudget.domain.facts import Frozen
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    DATABASE_OBSERVED = "DatabaseObserved"
+    BUDGET_FEASIBLE = "BudgetFeasible"
+    ROLLOUT_COMPLETE = "RolloutComplete"
+
+
+CONDITION_ORDER = (
+    ConditionType.READY,
+    ConditionType.DATABASE_OBSERVED,
+    ConditionType.BUDGET_FEASIBLE,
+    ConditionType.ROLLOUT_COMPLETE,
+)
+
+
+class Observation(Frozen):
+    """One condition as this reconcile sees it (no timestamps)."""
+
+    type: ConditionType
+    status: bool | None  # None = Unknown
+    reason: str  # CamelCase
+    message: str
+
+    @property
+    def status_text(self) -> str:
+        return "Unknown" if self.status is None else str(self.status)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]],
+    observations: Sequence[Observation],
+    generation: int,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """The whole conditions list to write (a merge patch replaces lists wholesale).
+
+    lastTransitionTime is carried over unless the status flips; conditions this reconcile
+    did not observe are kept as they were.
+    """
+    old = {str(c.get("type")): c for c in previous}
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in old.items()}
+    for observation in observations:
+        before = old.get(observation.type.value)
+        transition = rfc3339(now)
+        if before is not None and before.get("status") == observation.status_text:
+            transition = str(before.get("lastTransitionTime") or transition)
+        merged[observation.type.value] = {
+            "type": observation.type.value,
+            "status": observation.status_text,
+            "reason": observation.reason,
+            "message": observation.message,
+            "observedGeneration": generation,
+            "lastTransitionTime": transition,
+        }
+    order = {t.value: i for i, t in enumerate(CONDITION_ORDER)}
+    return sorted(merged.values(), key=lambda c: (order.get(c["type"], len(order)), c["type"]))
+
+
+def summarize_ready(observations: Sequence[Observation]) -> Observation:
+    """Ready is True only when every other condition is; otherwise the first failure says why."""
+    for observation in observations:
+        if observation.type is ConditionType.READY:
+            continue
+        if observation.status is not True:
+            return Observation(
+                type=ConditionType.READY,
+                status=False,
+                reason=observation.reason,
+                message=observation.message,
+            )
+    return Observation(
+        type=ConditionType.READY,
+        status=True,
+        reason="BudgetApplied",
+        message="every target's pool settings are applied and fit the database",
+    )
+
+
+def condition_status(conditions: Sequence[Mapping[str, Any]], kind: ConditionType) -> str | None:
+    for condition in conditions:
+        if condition.get("type") == kind.value:
+            return str(condition.get("status"))
+    return None

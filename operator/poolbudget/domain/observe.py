@@ -1,0 +1,85 @@
+"""Slim, comparable views of Deployments and HPAs, parsed from raw API bodies.
+
+The Kopf indexes store only these (a few fields each), never whole bodies: memory at
+thousands of Deployments depends on it, and equality of two views is how an event that
+changed nothing relevant (a status heartbeat, a label) is recognised and ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from poolbudget.domain.facts import DeploymentFacts, Frozen
+from poolbudget.domain.rendering import ANNOTATION_CONFIG_HASH
+
+
+class DeploymentState(Frozen):
+    name: str
+    replicas: int
+    max_surge: int | str | None
+    recreate: bool
+    template_hash: str | None
+    rolling: bool
+    stalled: bool
+
+    def facts(self, hpa_max_replicas: int | None) -> DeploymentFacts:
+        return DeploymentFacts(
+            name=self.name,
+            replicas=self.replicas,
+            max_surge=self.max_surge,
+            recreate=self.recreate,
+            hpa_max_replicas=hpa_max_replicas,
+        )
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def deployment_state(body: Mapping[str, Any]) -> DeploymentState:
+    """Parse a Deployment body into the fields sizing and pacing need."""
+    metadata = _mapping(body.get("metadata"))
+    spec = _mapping(body.get("spec"))
+    status = _mapping(body.get("status"))
+    strategy = _mapping(spec.get("strategy"))
+    rolling_update = _mapping(strategy.get("rollingUpdate"))
+    template_meta = _mapping(_mapping(spec.get("template")).get("metadata"))
+    annotations = _mapping(template_meta.get("annotations"))
+
+    replicas = int(spec.get("replicas", 1))
+    generation = int(metadata.get("generation", 0))
+    observed = int(status.get("observedGeneration", 0))
+    updated = int(status.get("updatedReplicas", 0))
+    total = int(status.get("replicas", 0))
+    # The same test `kubectl rollout status` makes, minus availability: a Deployment whose
+    # pods are all new but not (yet) ready is not turning pods over any more.
+    rolling = observed < generation or updated < replicas or total > updated
+    stalled = any(
+        _mapping(c).get("type") == "Progressing"
+        and _mapping(c).get("status") == "False"
+        and _mapping(c).get("reason") == "ProgressDeadlineExceeded"
+        for c in status.get("conditions") or []
+    )
+    raw_hash = annotations.get(ANNOTATION_CONFIG_HASH)
+    return DeploymentState(
+        name=str(metadata.get("name", "")),
+        replicas=replicas,
+        max_surge=rolling_update.get("maxSurge"),
+        recreate=strategy.get("type") == "Recreate",
+        template_hash=None if raw_hash is None else str(raw_hash),
+        rolling=rolling,
+        stalled=stalled and rolling,
+    )
+
+
+def hpa_target(body: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(Deployment name, maxReplicas) of an HPA that scales a Deployment, else None."""
+    spec = _mapping(body.get("spec"))
+    ref = _mapping(spec.get("scaleTargetRef"))
+    if ref.get("kind") != "Deployment" or not ref.get("name"):
+        return None
+    api_version = str(ref.get("apiVersion", "apps/v1"))
+    if not api_version.startswith("apps/"):
+        return None
+    return str(ref["name"]), int(spec.get("maxReplicas", 0))

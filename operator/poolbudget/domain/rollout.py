@@ -1,0 +1,202 @@
+"""Which ConfigMaps to write and which Deployments to restart now: pure decisions.
+
+The rules, in the order they are applied:
+
+* A restart happens only when the pod template's ``poolbudget.dev/config-hash`` differs
+  from the hash of the settings the ConfigMap now holds; same hash, nothing happens. A
+  replica change that leaves the settings unchanged therefore restarts nothing.
+* Pools that grow wait until every other target of the budget has settled (ConfigMap
+  current, pods restarted, rollout finished). Shrinking and unchanged targets go first, so
+  during the change-over old big pools and new big pools never run side by side. A grown
+  ConfigMap is not even written before then: a pod that restarts for its own reasons would
+  otherwise pick up the bigger pool early.
+* At most ``maxConcurrent`` Deployments of a budget are rolling at once (rollouts already
+  in progress count), and a Deployment is not restarted again within
+  ``minIntervalSeconds`` of its last restart by this operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import Field
+
+from poolbudget.domain.facts import Frozen
+
+
+class TargetState(Frozen):
+    """What is true now for one target, as read from the cluster."""
+
+    name: str
+    desired_hash: str
+    desired_per_worker: int  # pool_size + max_overflow the plan wants
+    configmap_hash: str | None = None  # hash of the existing ConfigMap's data; None = none
+    configmap_per_worker: int | None = None  # pool_size + max_overflow it holds now
+    deployment_exists: bool = True
+    template_hash: str | None = None  # poolbudget.dev/config-hash on the pod template
+    rolling: bool = False  # a rollout of this Deployment is in progress
+    stalled: bool = False  # ... and the Deployment controller gave up on it
+    last_restart: datetime | None = None  # when this operator last restarted it
+
+    @property
+    def grows(self) -> bool:
+        return (
+            self.configmap_per_worker is not None
+            and self.desired_per_worker > self.configmap_per_worker
+        )
+
+
+class RolloutPolicy(Frozen):
+    restarts_enabled: bool = True  # rollout.strategy RollingRestart (False: None)
+    max_concurrent: int = Field(default=1, ge=1)
+    min_interval_seconds: int = Field(default=300, ge=0)
+
+
+class TargetPhase(StrEnum):
+    APPLIED = "Applied"  # ConfigMap current, pods restarted with it, rollout finished
+    ROLLING = "Rolling"  # restarted, rollout in progress
+    STALLED = "Stalled"  # rollout in progress but the Deployment reports no progress
+    PENDING = "Pending"  # waiting: for a slot, the cooldown, or other targets to settle
+    MISSING = "Missing"  # the Deployment does not exist; its ConfigMap is kept current
+
+
+class TargetAction(Frozen):
+    name: str
+    write_configmap: bool
+    restart: bool
+    phase: TargetPhase
+    message: str
+
+
+class RolloutPlan(Frozen):
+    actions: tuple[TargetAction, ...]
+    # Come back after this many seconds even if nothing else happens (cooldowns).
+    recheck_after_seconds: float | None
+    complete: bool
+
+    def action(self, name: str) -> TargetAction:
+        for action in self.actions:
+            if action.name == name:
+                return action
+        raise KeyError(name)
+
+
+def _settled(target: TargetState, policy: RolloutPolicy) -> bool:
+    if target.configmap_hash != target.desired_hash:
+        return False
+    if not target.deployment_exists or not policy.restarts_enabled:
+        return True
+    return target.template_hash == target.desired_hash and not target.rolling
+
+
+def plan_rollout(
+    targets: Sequence[TargetState], policy: RolloutPolicy, now: datetime
+) -> RolloutPlan:
+    """Decide this round's ConfigMap writes and restarts for one budget."""
+    growers = {t.name for t in targets if t.grows}
+    unsettled_others = sorted(
+        t.name for t in targets if t.name not in growers and not _settled(t, policy)
+    )
+    # Without restarts there is no pod turnover to order: write everything at once.
+    hold_growers = bool(unsettled_others) and policy.restarts_enabled
+
+    slots = policy.max_concurrent - sum(1 for t in targets if t.rolling)
+    recheck: float | None = None
+    actions: list[TargetAction] = []
+    # Non-growers first so they take the restart slots; name order for determinism.
+    for target in sorted(targets, key=lambda t: (t.name in growers, t.name)):
+        write = target.configmap_hash != target.desired_hash
+        if write and target.name in growers and hold_growers:
+            waiting_for = ", ".join(unsettled_others)
+            actions.append(
+                TargetAction(
+                    name=target.name,
+                    write_configmap=False,
+                    restart=False,
+                    phase=TargetPhase.PENDING,
+                    message=f"pool grows; waits for {waiting_for} to finish rolling out first",
+                )
+            )
+            continue
+        if not target.deployment_exists:
+            actions.append(
+                TargetAction(
+                    name=target.name,
+                    write_configmap=write,
+                    restart=False,
+                    phase=TargetPhase.MISSING,
+                    message="Deployment not found; its ConfigMap is kept current",
+                )
+            )
+            continue
+        if not policy.restarts_enabled or target.template_hash == target.desired_hash:
+            phase, message = TargetPhase.APPLIED, "settings applied"
+            if target.stalled:
+                phase, message = TargetPhase.STALLED, "rollout is not progressing"
+            elif target.rolling and policy.restarts_enabled:
+                phase, message = TargetPhase.ROLLING, "rollout in progress"
+            elif not policy.restarts_enabled:
+                message = "ConfigMap written; restarts are disabled (rollout.strategy None)"
+            actions.append(
+                TargetAction(
+                    name=target.name,
+                    write_configmap=write,
+                    restart=False,
+                    phase=phase,
+                    message=message,
+                )
+            )
+            continue
+
+        # The pod template runs other settings: a restart is due.
+        if target.last_restart is not None:
+            elapsed = (now - target.last_restart).total_seconds()
+            remaining = policy.min_interval_seconds - elapsed
+            if remaining > 0:
+                recheck = remaining if recheck is None else min(recheck, remaining)
+                actions.append(
+                    TargetAction(
+                        name=target.name,
+                        write_configmap=write,
+                        restart=False,
+                        phase=TargetPhase.PENDING,
+                        message=f"restart due; cooldown (minIntervalSeconds) ends in "
+                        f"{int(remaining) + 1}s",
+                    )
+                )
+                continue
+        if target.rolling or slots <= 0:
+            reason = (
+                "a rollout is already in progress"
+                if target.rolling
+                else f"maxConcurrent ({policy.max_concurrent}) Deployments are rolling"
+            )
+            actions.append(
+                TargetAction(
+                    name=target.name,
+                    write_configmap=write,
+                    restart=False,
+                    phase=TargetPhase.PENDING,
+                    message=f"restart due; waits: {reason}",
+                )
+            )
+            continue
+        slots -= 1
+        actions.append(
+            TargetAction(
+                name=target.name,
+                write_configmap=write,
+                restart=True,
+                phase=TargetPhase.ROLLING,
+                message="restarted to pick up new pool settings",
+            )
+        )
+
+    by_name = {a.name: a for a in actions}
+    ordered = tuple(by_name[t.name] for t in targets)
+    complete = all(
+        a.phase in (TargetPhase.APPLIED, TargetPhase.MISSING) for a in ordered
+    ) and not any(a.write_configmap or a.restart for a in ordered)
+    return RolloutPlan(actions=ordered, recheck_after_seconds=recheck, complete=complete)

@@ -1,0 +1,237 @@
+"""Kopf handlers: a thin shell that observes, wakes and delegates to reconcile.py.
+
+How the pieces fit:
+* Deployments, HPAs and PoolBudgets are observed with `@kopf.index` and `@kopf.on.event`,
+  which write nothing to the objects (no Kopf annotations on user Deployments).
+* Each PoolBudget has one daemon that reconciles, then sleeps until woken by a relevant
+  change (a target's replicas/strategy/hash/rollout, its HPA's maxReplicas, the budget's
+  spec) or until the database's limits are due for a re-read (`refreshSeconds`).
+* Events that change nothing relevant (status heartbeats, labels) wake nobody: the slim
+  views the indexes keep are compared, and only a difference wakes the budgets concerned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from poolbudget import metrics
+from poolbudget.adapters.kube import KubeGateway
+from poolbudget.adapters.postgres import DatabaseProbe
+from poolbudget.api.v1alpha1 import GROUP, PLURAL, VERSION
+from poolbudget.domain.observe import DeploymentState, deployment_state, hpa_target
+from poolbudget.reconcile import BudgetMemory, BudgetObject, Key, Observed, Reconciler
+
+logger = logging.getLogger("poolbudget")
+
+
+@dataclass
+class Runtime:
+    """Process-wide state, created at startup and kept in Kopf's memo."""
+
+    kube: KubeGateway
+    reconciler: Reconciler
+    wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
+    memories: dict[Key, BudgetMemory] = field(default_factory=dict)
+    last_deployments: dict[Key, DeploymentState] = field(default_factory=dict)
+    last_hpas: dict[Key, tuple[str, int] | None] = field(default_factory=dict)
+    last_generations: dict[Key, int] = field(default_factory=dict)
+
+    def wakeup(self, key: Key) -> asyncio.Event:
+        return self.wakeups.setdefault(key, asyncio.Event())
+
+    def wake_claimants(self, key: Key, claims: kopf.Index[Key, tuple[str, str]]) -> None:
+        namespace, _ = key
+        for _, budget_name in claims.get(key, []):
+            self.wakeup((namespace, budget_name)).set()
+
+
+def _runtime(memo: kopf.Memo) -> Runtime:
+    runtime = memo.get("runtime")
+    assert isinstance(runtime, Runtime), "startup handler did not run"
+    return runtime
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Kopf's own bookkeeping goes under our prefix, on PoolBudgets only.
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    # Re-open watches periodically: a silently dead stream then heals itself (Kopf #1276).
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.posting.enabled = False  # we post the Events users should see ourselves
+    kube = KubeGateway()
+    memo["runtime"] = Runtime(
+        kube=kube, reconciler=Reconciler(kube=kube, prober_factory=DatabaseProbe)
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime = _runtime(memo)
+    for memory in runtime.memories.values():
+        if memory.prober is not None:
+            await memory.prober.close()
+    await runtime.kube.close()
+
+
+@kopf.on.probe(id="budgets")
+def probe_budgets(memo: kopf.Memo, **_: Any) -> int:
+    return len(_runtime(memo).memories)
+
+
+# --- observation: indexes (what is) and events (what changed) ----------------------------
+
+
+@kopf.index("apps", "v1", "deployments")
+def deployment_index(
+    namespace: str, name: str, body: kopf.Body, **_: Any
+) -> dict[Key, DeploymentState]:
+    return {(namespace, name): deployment_state(body)}
+
+
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
+def hpa_index(namespace: str, body: kopf.Body, **_: Any) -> dict[Key, int]:
+    target = hpa_target(body)
+    return {} if target is None else {(namespace, target[0]): target[1]}
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def claim_index(
+    namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+) -> dict[Key, tuple[str, str]]:
+    created = str(meta.get("creationTimestamp") or "")
+    targets = spec.get("targets") or []
+    return {
+        (namespace, str(t.get("deploymentName"))): (created, name)
+        for t in targets
+        if isinstance(t, Mapping) and t.get("deploymentName")
+    }
+
+
+@kopf.on.event("apps", "v1", "deployments")
+def deployment_changed(
+    type: str,
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    claim_index: kopf.Index[Key, tuple[str, str]],
+    **_: Any,
+) -> None:
+    runtime = _runtime(memo)
+    key = (namespace, name)
+    if type == "DELETED":
+        runtime.last_deployments.pop(key, None)
+    else:
+        state = deployment_state(body)
+        if runtime.last_deployments.get(key) == state:
+            return
+        runtime.last_deployments[key] = state
+    runtime.wake_claimants(key, claim_index)
+
+
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers")
+def hpa_changed(
+    type: str,
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    claim_index: kopf.Index[Key, tuple[str, str]],
+    **_: Any,
+) -> None:
+    runtime = _runtime(memo)
+    key = (namespace, name)
+    before = runtime.last_hpas.get(key)
+    after = None if type == "DELETED" else hpa_target(body)
+    if key in runtime.last_hpas and before == after:
+        return
+    runtime.last_hpas[key] = after
+    for target in {before, after}:
+        if target is not None:
+            runtime.wake_claimants((namespace, target[0]), claim_index)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def budget_changed(
+    type: str, namespace: str, name: str, meta: kopf.Meta, memo: kopf.Memo, **_: Any
+) -> None:
+    """Wake the budget when its spec changes (our own status patches do not bump generation)."""
+    runtime = _runtime(memo)
+    key = (namespace, name)
+    generation = int(meta.get("generation") or 0)
+    if type != "DELETED" and runtime.last_generations.get(key) == generation:
+        return
+    runtime.last_generations[key] = generation
+    runtime.wakeup(key).set()
+
+
+# --- the reconcile loop, one per PoolBudget ----------------------------------------------
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, id="reconcile", cancellation_timeout=10)
+async def budget_daemon(
+    stopped: kopf.DaemonStopped,
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    deployment_index: kopf.Index[Key, DeploymentState],
+    hpa_index: kopf.Index[Key, int],
+    claim_index: kopf.Index[Key, tuple[str, str]],
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    runtime = _runtime(memo)
+    key = (namespace, name)
+    wake = runtime.wakeup(key)
+    memory = runtime.memories.setdefault(key, BudgetMemory())
+    try:
+        while not stopped:
+            wake.clear()
+            observed = Observed(
+                deployments=_latest(deployment_index),
+                hpa_max_replicas={k: max(v) for k, v in hpa_index.items()},
+                claims={k: list(v) for k, v in claim_index.items()},
+            )
+            budget = BudgetObject(
+                namespace=namespace,
+                name=name,
+                uid=str(body.metadata.uid),
+                generation=int(body.metadata.get("generation") or 0),
+                created=str(body.metadata.get("creationTimestamp") or ""),
+                spec=dict(body.spec),
+                status=dict(body.status),
+            )
+            delay: float | None
+            try:
+                outcome = await runtime.reconciler.reconcile(budget, observed, memory)
+                delay = outcome.next_check_seconds
+            except Exception:  # the loop must survive anything; the next round retries
+                logger.exception("reconcile failed; retrying")
+                delay = 10.0
+            await _sleep_until_woken(wake, delay)
+    finally:
+        runtime.memories.pop(key, None)
+        if memory.prober is not None:
+            await memory.prober.close()
+        metrics.forget_budget(namespace, name)
+
+
+def _latest(index: kopf.Index[Key, DeploymentState]) -> dict[Key, DeploymentState]:
+    return {k: v for k, values in index.items() for v in values}
+
+
+async def _sleep_until_woken(wake: asyncio.Event, delay: float | None) -> None:
+    """Wait for a wake-up or the delay, whichever first. Cancellation stops the daemon."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), timeout=delay)

@@ -1,0 +1,81 @@
+"""Prometheus metrics the operator serves (on --metrics-port, default 8080)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BUDGET = ["namespace", "poolbudget"]
+TARGET = [*BUDGET, "deployment"]
+
+API_WRITES = Counter(
+    "poolbudget_api_writes_total",
+    "Writes this operator sent to the Kubernetes API, by kind of write.",
+    ["kind"],
+)
+RECONCILES = Counter(
+    "poolbudget_reconciles_total",
+    "PoolBudget reconciles, by outcome.",
+    [*BUDGET, "outcome"],
+)
+RECONCILE_SECONDS = Histogram(
+    "poolbudget_reconcile_duration_seconds",
+    "Time to reconcile one PoolBudget (facts, plan, apply).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ERRORS = Counter(
+    "poolbudget_errors_total",
+    "Problems met while reconciling, by reason (DatabaseUnreachable, SecretNotFound, ...).",
+    [*BUDGET, "reason"],
+)
+RESTARTS = Counter(
+    "poolbudget_restarts_total",
+    "Deployments restarted because their pool settings changed.",
+    TARGET,
+)
+RESTARTS_SKIPPED = Counter(
+    "poolbudget_restarts_skipped_total",
+    "Reconciles of a target whose settings hash was unchanged (no restart needed).",
+    TARGET,
+)
+DATABASE_PROBES = Counter(
+    "poolbudget_database_probes_total",
+    "Reads of the database's limits, by result.",
+    [*BUDGET, "result"],
+)
+MAX_CONNECTIONS = Gauge(
+    "poolbudget_database_max_connections", "max_connections as last read.", BUDGET
+)
+USABLE_CONNECTIONS = Gauge(
+    "poolbudget_usable_connections", "Connections the budget may hand out.", BUDGET
+)
+CONNECTIONS_IN_USE = Gauge(
+    "poolbudget_database_connections_in_use",
+    "Client connections open on the database at the last probe.",
+    BUDGET,
+)
+PEAK_CONNECTIONS = Gauge(
+    "poolbudget_peak_connections", "Worst-case connections of the applied plan.", BUDGET
+)
+HEADROOM = Gauge("poolbudget_headroom_connections", "Usable minus peak connections.", BUDGET)
+POOL_SIZE = Gauge("poolbudget_pool_size", "pool_size allocated to a target.", TARGET)
+MAX_OVERFLOW = Gauge("poolbudget_max_overflow", "max_overflow allocated to a target.", TARGET)
+TARGET_PEAK = Gauge(
+    "poolbudget_target_peak_connections", "Worst-case connections of one target.", TARGET
+)
+FEASIBLE = Gauge("poolbudget_budget_feasible", "1 if the budget fits, 0 if not.", BUDGET)
+
+
+def forget_budget(namespace: str, name: str) -> None:
+    """Drop a deleted budget's series so dashboards do not show ghosts."""
+    for gauge in (MAX_CONNECTIONS, USABLE_CONNECTIONS, CONNECTIONS_IN_USE, PEAK_CONNECTIONS):
+        gauge.remove(namespace, name) if _has(gauge, namespace, name) else None
+    for gauge in (HEADROOM, FEASIBLE):
+        gauge.remove(namespace, name) if _has(gauge, namespace, name) else None
+    for target_gauge in (POOL_SIZE, MAX_OVERFLOW, TARGET_PEAK):
+        for labels in list(target_gauge._metrics):  # prometheus_client keeps label tuples here
+            if labels[:2] == (namespace, name):
+                target_gauge.remove(*labels)
+
+
+def _has(gauge: Gauge, namespace: str, name: str) -> bool:
+    return (namespace, name) in gauge._metrics

@@ -1,0 +1,782 @@
+"""One PoolBudget reconcile: gather facts -> plan -> decide -> apply -> status.
+
+Level-based and idempotent: it reads the world, computes what should be, and writes only
+the differences. Nothing here knows about Kopf; the adapters it uses are described by the
+protocols below, so the whole flow runs against in-memory fakes in unit tests and against
+the real API server and PostgreSQL in the end-to-end tests.
+
+Safety rules kept here (and why):
+* On any failure to observe the database, or an infeasible plan, nothing is written but
+  status: the last good ConfigMaps stay as they are.
+* Secrets are read per reconcile and handed to the probe only; the DSN never reaches a
+  log line, an event, a status field or an exception message (probe errors are redacted
+  by the adapter, and only their class decides the reason shown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from poolbudget import metrics
+from poolbudget.adapters.kube import KubeError, NotFoundError, SecretKeyMissingError
+from poolbudget.api.v1alpha1 import (
+    PoolBudgetSpec,
+    RolloutStrategy,
+    Target,
+    describe_validation_error,
+)
+from poolbudget.domain.conditions import (
+    ConditionType,
+    Observation,
+    merge_conditions,
+    rfc3339,
+    summarize_ready,
+)
+from poolbudget.domain.facts import DatabaseFacts, DeploymentFacts
+from poolbudget.domain.observe import DeploymentState
+from poolbudget.domain.planning import (
+    POSTGRES_DEFAULT_SUPERUSER_RESERVED,
+    demand_for,
+    limits_for,
+)
+from poolbudget.domain.rendering import (
+    ANNOTATION_CONFIG_HASH,
+    LABEL_BUDGET,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    config_hash,
+    managed_labels,
+    per_worker_connections,
+    render_configmap_data,
+)
+from poolbudget.domain.rollout import (
+    RolloutPlan,
+    RolloutPolicy,
+    TargetPhase,
+    TargetState,
+    plan_rollout,
+)
+from poolbudget.domain.sizing import BudgetPlan, Verdict, plan_budget
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+# --- what the reconciler needs from the outside world ------------------------------------
+
+
+class ConfigMapLike(Protocol):
+    @property
+    def data(self) -> dict[str, str]: ...
+    @property
+    def labels(self) -> dict[str, str]: ...
+
+
+class BudgetRefLike(Protocol):
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def uid(self) -> str: ...
+
+
+class Kube(Protocol):
+    async def read_secret_value(self, namespace: str, name: str, key: str) -> str: ...
+    async def read_configmap(self, namespace: str, name: str) -> ConfigMapLike | None: ...
+    async def apply_configmap(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, str],
+        labels: dict[str, str],
+        annotations: dict[str, str],
+    ) -> None: ...
+    async def annotate_pod_template(
+        self, namespace: str, deployment: str, annotations: dict[str, str]
+    ) -> None: ...
+    async def patch_budget_status(
+        self, namespace: str, name: str, status: dict[str, Any]
+    ) -> None: ...
+    async def post_event(self, budget: Any, type_: str, reason: str, message: str) -> None: ...
+
+
+class DatabaseProber(Protocol):
+    """One long-lived probe per DSN: reuses its connection across reconciles."""
+
+    async def probe(self) -> DatabaseFacts: ...
+    async def close(self) -> None: ...
+
+
+class DatabaseFailure(Exception):
+    """A probe failed; `reason` is the CamelCase reason shown in the condition."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the Kopf indexes know about the cluster (slim values, never bodies)."""
+
+    deployments: Mapping[Key, DeploymentState]
+    hpa_max_replicas: Mapping[Key, int]
+    # (namespace, deploymentName) -> every (creationTimestamp, budget name) claiming it
+    claims: Mapping[Key, Sequence[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class BudgetObject:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+
+
+@dataclass
+class BudgetMemory:
+    """Per-budget state kept in memory between reconciles (lost on restart, by design)."""
+
+    database: DatabaseFacts | None = None
+    database_read_at: float | None = None
+    dsn_fingerprint: str | None = None
+    prober: DatabaseProber | None = None
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    next_check_seconds: float | None
+    status: dict[str, Any]
+    status_written: bool
+
+
+@dataclass(frozen=True)
+class BudgetEventRef:
+    namespace: str
+    name: str
+    uid: str
+
+
+# --- the reconciler ----------------------------------------------------------------------
+
+VOLATILE_DATABASE_FIELDS = ("connectionsInUse", "observedTime")
+MIN_BACKOFF_SECONDS = 5.0
+
+
+@dataclass
+class Reconciler:
+    kube: Kube
+    prober_factory: Callable[[str], DatabaseProber]
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    monotonic: Callable[[], float] = field(default=lambda: asyncio.get_running_loop().time())
+
+    async def reconcile(
+        self, budget: BudgetObject, observed: Observed, memory: BudgetMemory
+    ) -> Outcome:
+        started = self.monotonic()
+        try:
+            outcome = await self._reconcile(budget, observed, memory)
+        finally:
+            metrics.RECONCILE_SECONDS.observe(max(0.0, self.monotonic() - started))
+        return outcome
+
+    async def _reconcile(
+        self, budget: BudgetObject, observed: Observed, memory: BudgetMemory
+    ) -> Outcome:
+        now = self.clock()
+        ref = BudgetEventRef(budget.namespace, budget.name, budget.uid)
+        labels = {"namespace": budget.namespace, "poolbudget": budget.name}
+        previous = dict(budget.status)
+
+        try:
+            spec = PoolBudgetSpec.model_validate(budget.spec)
+        except ValidationError as exc:
+            message = f"invalid spec: {describe_validation_error(exc)}"
+            metrics.ERRORS.labels(**labels, reason="InvalidSpec").inc()
+            status = self._status_with(
+                previous,
+                budget,
+                now,
+                [
+                    Observation(
+                        type=ConditionType.READY,
+                        status=False,
+                        reason="InvalidSpec",
+                        message=message,
+                    )
+                ],
+            )
+            return await self._finish(ref, budget, previous, status, None, "invalid")
+
+        # 1. The database's limits.
+        try:
+            database = await self._observe_database(budget, spec, memory)
+        except DatabaseFailure as failure:
+            memory.failures += 1
+            metrics.ERRORS.labels(**labels, reason=failure.reason).inc()
+            backoff = min(
+                float(spec.database.refresh_seconds),
+                MIN_BACKOFF_SECONDS * 2 ** (memory.failures - 1),
+            )
+            observation = Observation(
+                type=ConditionType.DATABASE_OBSERVED,
+                status=False,
+                reason=failure.reason,
+                message=f"{failure.message}; the last good ConfigMaps are kept, "
+                f"retry in {backoff:.0f}s",
+            )
+            status = self._status_with(previous, budget, now, [observation])
+            await self._event_on_change(ref, previous, observation, "Warning")
+            return await self._finish(ref, budget, previous, status, backoff, "database-error")
+        memory.failures = 0
+        self._publish_database_metrics(labels, spec, database)
+
+        # 2. Which targets are ours, and what their Deployments look like.
+        owned: list[Target] = []
+        conflicts: dict[str, str] = {}
+        for target in spec.targets:
+            claimants = sorted(
+                observed.claims.get((budget.namespace, target.deployment_name), ())
+                or [(budget.created, budget.name)]
+            )
+            owner = claimants[0][1]
+            if owner != budget.name:
+                conflicts[target.deployment_name] = (
+                    f"claimed by PoolBudget {owner} (created earlier)"
+                )
+            else:
+                owned.append(target)
+
+        states: dict[str, DeploymentState | None] = {}
+        facts: dict[str, DeploymentFacts] = {}
+        for target in owned:
+            key = (budget.namespace, target.deployment_name)
+            state = observed.deployments.get(key)
+            states[target.deployment_name] = state
+            hpa = observed.hpa_max_replicas.get(key)
+            # A missing Deployment is budgeted as one pod: it may be created any moment,
+            # and its ConfigMap is written so its first pods start with the right settings.
+            facts[target.deployment_name] = (
+                state.facts(hpa)
+                if state
+                else DeploymentFacts(name=target.deployment_name, replicas=0)
+            )
+
+        # 3. The plan.
+        demands = [demand_for(spec, t, facts[t.deployment_name]) for t in owned]
+        plan = plan_budget(limits_for(spec, database), demands)
+        database_observation = self._database_observation(spec, database)
+        if not plan.feasible:
+            metrics.FEASIBLE.labels(**labels).set(0)
+            metrics.ERRORS.labels(**labels, reason="BudgetInfeasible").inc()
+            infeasible = Observation(
+                type=ConditionType.BUDGET_FEASIBLE,
+                status=False,
+                reason="BudgetInfeasible",
+                message=f"{plan.reason}; the last good ConfigMaps are kept",
+            )
+            status = self._status_with(previous, budget, now, [database_observation, infeasible])
+            status["database"] = self._database_status(database, plan, now)
+            status["verdict"] = plan.verdict.value
+            await self._event_on_change(ref, previous, infeasible, "Warning")
+            return await self._finish(
+                ref, budget, previous, status, float(spec.database.refresh_seconds), "infeasible"
+            )
+        metrics.FEASIBLE.labels(**labels).set(1)
+
+        # 4. Render, compare with what is there, decide.
+        rendered: dict[str, dict[str, str]] = {}
+        for target in owned:
+            rendered[target.deployment_name] = render_configmap_data(
+                spec, target, plan.allocation(target.deployment_name)
+            )
+        existing_list = await asyncio.gather(
+            *(self.kube.read_configmap(budget.namespace, t.resolved_config_map_name) for t in owned)
+        )
+        existing = dict(zip([t.deployment_name for t in owned], existing_list, strict=True))
+        for target in list(owned):
+            current = existing[target.deployment_name]
+            if current is not None and (
+                current.labels.get(LABEL_MANAGED_BY) != MANAGED_BY
+                or current.labels.get(LABEL_BUDGET, budget.name) != budget.name
+            ):
+                conflicts[target.deployment_name] = (
+                    f"ConfigMap {target.resolved_config_map_name} exists and is not managed by "
+                    f"this PoolBudget; rename it or set configMapName"
+                )
+                owned.remove(target)
+
+        previous_allocations = {
+            str(a.get("deploymentName")): a for a in previous.get("allocations") or []
+        }
+        target_states = []
+        for target in owned:
+            name = target.deployment_name
+            allocation = plan.allocation(name)
+            current = existing[name]
+            state = states[name]
+            target_states.append(
+                TargetState(
+                    name=name,
+                    desired_hash=config_hash(rendered[name]),
+                    desired_per_worker=allocation.pool_size + allocation.max_overflow,
+                    configmap_hash=None if current is None else config_hash(current.data),
+                    configmap_per_worker=None
+                    if current is None
+                    else per_worker_connections(current.data),
+                    deployment_exists=state is not None,
+                    template_hash=None if state is None else state.template_hash,
+                    rolling=False if state is None else state.rolling,
+                    stalled=False if state is None else state.stalled,
+                    last_restart=_parse_time(
+                        previous_allocations.get(name, {}).get("restartedTime")
+                    ),
+                )
+            )
+        policy = RolloutPolicy(
+            restarts_enabled=spec.rollout.strategy is RolloutStrategy.ROLLING_RESTART,
+            max_concurrent=spec.rollout.max_concurrent,
+            min_interval_seconds=spec.rollout.min_interval_seconds,
+        )
+        rollout = plan_rollout(target_states, policy, now)
+
+        # 5. Apply: ConfigMaps first, then restarts (a restart must see the new ConfigMap).
+        restarted: set[str] = set()
+        by_target = {t.deployment_name: t for t in owned}
+        by_state = {s.name: s for s in target_states}
+        for action in rollout.actions:
+            target = by_target[action.name]
+            if action.write_configmap:
+                data = rendered[action.name]
+                await self.kube.apply_configmap(
+                    budget.namespace,
+                    target.resolved_config_map_name,
+                    data,
+                    managed_labels(budget.name),
+                    {ANNOTATION_CONFIG_HASH: config_hash(data)},
+                )
+                await self.kube.post_event(
+                    ref,
+                    "Normal",
+                    "ConfigMapUpdated",
+                    _configmap_change_message(target, existing[action.name], data, plan),
+                )
+        for action in rollout.actions:
+            target_labels = {**labels, "deployment": action.name}
+            if action.restart:
+                state_now = by_state[action.name]
+                await self.kube.annotate_pod_template(
+                    budget.namespace, action.name, {ANNOTATION_CONFIG_HASH: state_now.desired_hash}
+                )
+                restarted.add(action.name)
+                metrics.RESTARTS.labels(**target_labels).inc()
+                await self.kube.post_event(
+                    ref,
+                    "Normal",
+                    "RolloutRestarted",
+                    f"Deployment {action.name} restarted to pick up pool_size "
+                    f"{plan.allocation(action.name).pool_size}, max_overflow "
+                    f"{plan.allocation(action.name).max_overflow}",
+                )
+            elif by_state[action.name].template_hash == by_state[action.name].desired_hash:
+                metrics.RESTARTS_SKIPPED.labels(**target_labels).inc()
+
+        # 6. Events for targets newly missing or in conflict.
+        for name, reason in sorted(conflicts.items()):
+            if previous_allocations.get(name, {}).get("state") != "Conflict":
+                await self.kube.post_event(
+                    ref, "Warning", "TargetConflict", f"{name}: {reason}; nothing written for it"
+                )
+        for action in rollout.actions:
+            if (
+                action.phase is TargetPhase.MISSING
+                and previous_allocations.get(action.name, {}).get("state") != "Missing"
+            ):
+                await self.kube.post_event(
+                    ref,
+                    "Warning",
+                    "DeploymentNotFound",
+                    f"Deployment {budget.namespace}/{action.name} not found; "
+                    "its ConfigMap is kept current",
+                )
+
+        # 7. Status.
+        allocations = self._allocations_status(
+            spec, plan, rollout, rendered, restarted, previous_allocations, conflicts, now
+        )
+        self._publish_plan_metrics(labels, plan, owned)
+        feasible = Observation(
+            type=ConditionType.BUDGET_FEASIBLE,
+            status=True,
+            reason=plan.verdict.value,
+            message=plan.reason,
+        )
+        rollout_observation = _rollout_observation(rollout, policy)
+        observations = [database_observation, feasible, rollout_observation]
+        ready = summarize_ready(observations)
+        missing = [a.name for a in rollout.actions if a.phase is TargetPhase.MISSING]
+        if ready.status and conflicts:
+            ready = Observation(
+                type=ConditionType.READY,
+                status=False,
+                reason="TargetConflict",
+                message="; ".join(f"{k}: {v}" for k, v in sorted(conflicts.items())),
+            )
+        elif ready.status and missing:
+            ready = Observation(
+                type=ConditionType.READY,
+                status=False,
+                reason="DeploymentNotFound",
+                message=f"Deployment(s) not found: {', '.join(missing)}",
+            )
+        status = self._status_with(previous, budget, now, [ready, *observations])
+        status["database"] = self._database_status(database, plan, now)
+        status["allocations"] = allocations
+        status["peakConnections"] = plan.peak_connections
+        status["usableConnections"] = plan.usable_connections
+        status["headroom"] = plan.headroom
+        status["verdict"] = plan.verdict.value
+        if plan.verdict is Verdict.OVERFLOW_REDUCED:
+            await self._event_on_change(ref, previous, feasible, "Warning", reason_changes=True)
+
+        next_check = self._seconds_until_database_refresh(spec, memory)
+        if rollout.recheck_after_seconds is not None:
+            next_check = min(next_check, rollout.recheck_after_seconds)
+        return await self._finish(ref, budget, previous, status, next_check, "ok")
+
+    # --- database ------------------------------------------------------------------------
+
+    async def _observe_database(
+        self, budget: BudgetObject, spec: PoolBudgetSpec, memory: BudgetMemory
+    ) -> DatabaseFacts:
+        labels = {"namespace": budget.namespace, "poolbudget": budget.name}
+        source = spec.database.connection_secret_ref
+        override = spec.database.max_connections_override
+        if source is None:
+            assert override is not None  # the spec model guarantees one of the two
+            return DatabaseFacts(
+                max_connections=override,
+                superuser_reserved_connections=POSTGRES_DEFAULT_SUPERUSER_RESERVED,
+            )
+        try:
+            dsn = await self.kube.read_secret_value(budget.namespace, source.name, source.key)
+        except NotFoundError:
+            raise DatabaseFailure("SecretNotFound", f"Secret {source.name} not found") from None
+        except SecretKeyMissingError as exc:
+            raise DatabaseFailure("SecretKeyMissing", str(exc)) from None
+        except KubeError as exc:
+            raise DatabaseFailure("SecretUnreadable", str(exc)) from None
+
+        fingerprint = hashlib.sha256(dsn.encode()).hexdigest()
+        fresh = (
+            memory.database is not None
+            and memory.dsn_fingerprint == fingerprint
+            and memory.database_read_at is not None
+            and self.monotonic() - memory.database_read_at < spec.database.refresh_seconds
+        )
+        if not fresh:
+            if memory.prober is not None and memory.dsn_fingerprint != fingerprint:
+                await memory.prober.close()
+                memory.prober = None
+            if memory.prober is None:
+                memory.prober = self.prober_factory(dsn)
+                memory.dsn_fingerprint = fingerprint
+            try:
+                memory.database = await memory.prober.probe()
+            except Exception as exc:  # every probe failure becomes a condition, never a crash
+                metrics.DATABASE_PROBES.labels(**labels, result="error").inc()
+                memory.database = None
+                raise _database_failure(exc) from None
+            memory.database_read_at = self.monotonic()
+            metrics.DATABASE_PROBES.labels(**labels, result="ok").inc()
+        assert memory.database is not None
+        if override is not None:
+            return memory.database.model_copy(update={"max_connections": override})
+        return memory.database
+
+    def _seconds_until_database_refresh(self, spec: PoolBudgetSpec, memory: BudgetMemory) -> float:
+        refresh = float(spec.database.refresh_seconds)
+        if memory.database_read_at is None:
+            return refresh
+        return max(0.5, refresh - (self.monotonic() - memory.database_read_at))
+
+    @staticmethod
+    def _database_observation(spec: PoolBudgetSpec, database: DatabaseFacts) -> Observation:
+        if spec.database.connection_secret_ref is None:
+            return Observation(
+                type=ConditionType.DATABASE_OBSERVED,
+                status=True,
+                reason="MaxConnectionsOverride",
+                message=f"max_connections {database.max_connections} from the spec; "
+                f"superuser_reserved_connections assumed {database.superuser_reserved_connections}",
+            )
+        return Observation(
+            type=ConditionType.DATABASE_OBSERVED,
+            status=True,
+            reason="Probed",
+            message=f"PostgreSQL {database.server_version}: max_connections "
+            f"{database.max_connections}, superuser_reserved_connections "
+            f"{database.superuser_reserved_connections}, reserved_connections "
+            f"{database.reserved_connections}"
+            + (
+                " (max_connections overridden by the spec)"
+                if spec.database.max_connections_override
+                else ""
+            ),
+        )
+
+    @staticmethod
+    def _database_status(
+        database: DatabaseFacts, plan: BudgetPlan, now: datetime
+    ) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "maxConnections": database.max_connections,
+            "superuserReservedConnections": database.superuser_reserved_connections,
+            "reservedConnections": database.reserved_connections,
+            "usableConnections": plan.usable_connections,
+            "observedTime": rfc3339(now),
+        }
+        if database.server_version:
+            status["serverVersion"] = database.server_version
+        if database.connections_in_use is not None:
+            status["connectionsInUse"] = database.connections_in_use
+        return status
+
+    # --- status --------------------------------------------------------------------------
+
+    @staticmethod
+    def _status_with(
+        previous: Mapping[str, Any],
+        budget: BudgetObject,
+        now: datetime,
+        observations: Sequence[Observation],
+    ) -> dict[str, Any]:
+        """Previous status with these conditions merged in (and Ready recomputed if absent)."""
+        status = {k: v for k, v in previous.items() if k != "conditions"}
+        if not any(o.type is ConditionType.READY for o in observations):
+            failing = next((o for o in observations if o.status is not True), None)
+            if failing is not None:
+                observations = [
+                    Observation(
+                        type=ConditionType.READY,
+                        status=False,
+                        reason=failing.reason,
+                        message=failing.message,
+                    ),
+                    *observations,
+                ]
+        status["observedGeneration"] = budget.generation
+        status["conditions"] = merge_conditions(
+            previous.get("conditions") or [], observations, budget.generation, now
+        )
+        return status
+
+    @staticmethod
+    def _allocations_status(
+        spec: PoolBudgetSpec,
+        plan: BudgetPlan,
+        rollout: RolloutPlan,
+        rendered: Mapping[str, Mapping[str, str]],
+        restarted: set[str],
+        previous: Mapping[str, Mapping[str, Any]],
+        conflicts: Mapping[str, str],
+        now: datetime,
+    ) -> list[dict[str, Any]]:
+        entries = []
+        for target in spec.targets:
+            name = target.deployment_name
+            if name in conflicts:
+                entries.append(
+                    {
+                        "deploymentName": name,
+                        "state": "Conflict",
+                        "message": conflicts[name],
+                        "configMapName": target.resolved_config_map_name,
+                    }
+                )
+                continue
+            allocation = plan.allocation(name)
+            action = rollout.action(name)
+            entry: dict[str, Any] = {
+                "deploymentName": name,
+                "podsWorstCase": allocation.pods,
+                "workers": allocation.workers,
+                "poolSize": allocation.pool_size,
+                "maxOverflow": allocation.max_overflow,
+                "peakConnections": allocation.peak_connections,
+                "configMapName": target.resolved_config_map_name,
+                "configHash": config_hash(rendered[name]),
+                "state": action.phase.value,
+                "message": action.message,
+            }
+            restarted_time = (
+                rfc3339(now) if name in restarted else previous.get(name, {}).get("restartedTime")
+            )
+            if restarted_time:
+                entry["restartedTime"] = restarted_time
+            entries.append(entry)
+        return entries
+
+    async def _finish(
+        self,
+        ref: BudgetEventRef,
+        budget: BudgetObject,
+        previous: Mapping[str, Any],
+        status: dict[str, Any],
+        next_check: float | None,
+        outcome: str,
+    ) -> Outcome:
+        metrics.RECONCILES.labels(
+            namespace=budget.namespace, poolbudget=budget.name, outcome=outcome
+        ).inc()
+        written = False
+        if _comparable(status) != _comparable(previous):
+            await self.kube.patch_budget_status(budget.namespace, budget.name, status)
+            written = True
+        return Outcome(next_check_seconds=next_check, status=status, status_written=written)
+
+    async def _event_on_change(
+        self,
+        ref: BudgetEventRef,
+        previous: Mapping[str, Any],
+        observation: Observation,
+        type_: str,
+        *,
+        reason_changes: bool = True,
+    ) -> None:
+        """Post an event only when the condition flips (or its reason changes): no spam."""
+        before = next(
+            (
+                c
+                for c in previous.get("conditions") or []
+                if c.get("type") == observation.type.value
+            ),
+            None,
+        )
+        same_status = before is not None and before.get("status") == observation.status_text
+        same_reason = before is not None and before.get("reason") == observation.reason
+        if same_status and (same_reason or not reason_changes):
+            return
+        await self.kube.post_event(ref, type_, observation.reason, observation.message)
+
+    # --- metrics -------------------------------------------------------------------------
+
+    @staticmethod
+    def _publish_database_metrics(
+        labels: Mapping[str, str], spec: PoolBudgetSpec, database: DatabaseFacts
+    ) -> None:
+        metrics.MAX_CONNECTIONS.labels(**labels).set(database.max_connections)
+        if database.connections_in_use is not None:
+            metrics.CONNECTIONS_IN_USE.labels(**labels).set(database.connections_in_use)
+        del spec
+
+    @staticmethod
+    def _publish_plan_metrics(
+        labels: Mapping[str, str], plan: BudgetPlan, owned: Sequence[Target]
+    ) -> None:
+        metrics.USABLE_CONNECTIONS.labels(**labels).set(plan.usable_connections)
+        metrics.PEAK_CONNECTIONS.labels(**labels).set(plan.peak_connections)
+        metrics.HEADROOM.labels(**labels).set(plan.headroom)
+        for target in owned:
+            allocation = plan.allocation(target.deployment_name)
+            target_labels = {**labels, "deployment": target.deployment_name}
+            metrics.POOL_SIZE.labels(**target_labels).set(allocation.pool_size)
+            metrics.MAX_OVERFLOW.labels(**target_labels).set(allocation.max_overflow)
+            metrics.TARGET_PEAK.labels(**target_labels).set(allocation.peak_connections)
+
+
+def _comparable(status: Mapping[str, Any]) -> dict[str, Any]:
+    """Status minus what changes without anything happening (so no-op writes nothing)."""
+    comparable = dict(status)
+    database = dict(comparable.get("database") or {})
+    for key in VOLATILE_DATABASE_FIELDS:
+        database.pop(key, None)
+    comparable["database"] = database
+    return comparable
+
+
+def _rollout_observation(rollout: RolloutPlan, policy: RolloutPolicy) -> Observation:
+    if rollout.complete:
+        if not policy.restarts_enabled:
+            return Observation(
+                type=ConditionType.ROLLOUT_COMPLETE,
+                status=True,
+                reason="RestartsDisabled",
+                message="ConfigMaps are current; rollout.strategy is None, "
+                "pods pick them up when they restart",
+            )
+        return Observation(
+            type=ConditionType.ROLLOUT_COMPLETE,
+            status=True,
+            reason="RolloutComplete",
+            message="every target runs its current pool settings",
+        )
+    phases = {a.phase for a in rollout.actions}
+    waiting = [
+        f"{a.name}: {a.message}" for a in rollout.actions if a.phase is not TargetPhase.APPLIED
+    ]
+    if TargetPhase.STALLED in phases:
+        reason = "RolloutStalled"
+    elif TargetPhase.ROLLING in phases:
+        reason = "RolloutInProgress"
+    else:
+        reason = "RolloutPending"
+    return Observation(
+        type=ConditionType.ROLLOUT_COMPLETE,
+        status=False,
+        reason=reason,
+        message="; ".join(waiting) or "ConfigMaps are being written",
+    )
+
+
+def _configmap_change_message(
+    target: Target, before: ConfigMapLike | None, after: Mapping[str, str], plan: BudgetPlan
+) -> str:
+    name = target.resolved_config_map_name
+    peak = plan.allocation(target.deployment_name).peak_connections
+    new = f"pool_size {after['DB_POOL_SIZE']}, max_overflow {after['DB_MAX_OVERFLOW']}"
+    if before is None:
+        return f"ConfigMap {name} created: {new} (peak {peak})"
+    old_pool = before.data.get("DB_POOL_SIZE", "?")
+    old_overflow = before.data.get("DB_MAX_OVERFLOW", "?")
+    old = f"pool_size {old_pool}, max_overflow {old_overflow}"
+    return f"ConfigMap {name} updated: {old} -> {new} (peak {peak} of {plan.usable_connections})"
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _database_failure(exc: BaseException) -> DatabaseFailure:
+    """Map a probe error to a condition reason; messages come from the (redacting) adapter."""
+    reasons = {
+        "DatabaseAuthError": "AuthenticationFailed",
+        "DatabaseUnreachableError": "DatabaseUnreachable",
+        "DatabaseTimeoutError": "DatabaseTimeout",
+        "InvalidDsnError": "InvalidDsn",
+    }
+    for cls in type(exc).__mro__:
+        if cls.__name__ in reasons:
+            return DatabaseFailure(reasons[cls.__name__], str(exc))
+    # Unknown error types: the class name only, since the text could echo a DSN.
+    return DatabaseFailure("DatabaseError", f"database probe failed ({type(exc).__name__})")
