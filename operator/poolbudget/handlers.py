@@ -30,6 +30,9 @@ from poolbudget.reconcile import BudgetMemory, BudgetObject, Key, Observed, Reco
 
 logger = logging.getLogger("poolbudget")
 
+# (namespace, deploymentName) -> (creationTimestamp, PoolBudget name) of every claimant
+ClaimIndex = kopf.Index[Key, tuple[str, str]]
+
 
 @dataclass
 class Runtime:
@@ -46,10 +49,16 @@ class Runtime:
     def wakeup(self, key: Key) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
 
-    def wake_claimants(self, key: Key, claims: kopf.Index[Key, tuple[str, str]]) -> None:
+    def wake_claimants(self, key: Key, claims: ClaimIndex) -> None:
         namespace, _ = key
         for _, budget_name in claims.get(key, []):
             self.wakeup((namespace, budget_name)).set()
+
+
+def _ns(namespace: str | None) -> str:
+    """Everything watched here is namespaced; Kopf types the argument as optional."""
+    assert namespace is not None
+    return namespace
 
 
 def _runtime(memo: kopf.Memo) -> Runtime:
@@ -93,25 +102,25 @@ def probe_budgets(memo: kopf.Memo, **_: Any) -> int:
 
 @kopf.index("apps", "v1", "deployments")
 def deployment_index(
-    namespace: str, name: str, body: kopf.Body, **_: Any
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[Key, DeploymentState]:
-    return {(namespace, name): deployment_state(body)}
+    return {(_ns(namespace), name): deployment_state(body)}
 
 
 @kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
-def hpa_index(namespace: str, body: kopf.Body, **_: Any) -> dict[Key, int]:
+def hpa_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Key, int]:
     target = hpa_target(body)
-    return {} if target is None else {(namespace, target[0]): target[1]}
+    return {} if target is None else {(_ns(namespace), target[0]): target[1]}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
 def claim_index(
-    namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+    namespace: str | None, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
 ) -> dict[Key, tuple[str, str]]:
     created = str(meta.get("creationTimestamp") or "")
     targets = spec.get("targets") or []
     return {
-        (namespace, str(t.get("deploymentName"))): (created, name)
+        (_ns(namespace), str(t.get("deploymentName"))): (created, name)
         for t in targets
         if isinstance(t, Mapping) and t.get("deploymentName")
     }
@@ -120,15 +129,15 @@ def claim_index(
 @kopf.on.event("apps", "v1", "deployments")
 def deployment_changed(
     type: str,
-    namespace: str,
+    namespace: str | None,
     name: str,
     body: kopf.Body,
     memo: kopf.Memo,
-    claim_index: kopf.Index[Key, tuple[str, str]],
+    claim_index: ClaimIndex | None = None,
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
-    key = (namespace, name)
+    key = (_ns(namespace), name)
     if type == "DELETED":
         runtime.last_deployments.pop(key, None)
     else:
@@ -136,38 +145,40 @@ def deployment_changed(
         if runtime.last_deployments.get(key) == state:
             return
         runtime.last_deployments[key] = state
+    assert claim_index is not None  # Kopf passes every index by its function's name
     runtime.wake_claimants(key, claim_index)
 
 
 @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers")
 def hpa_changed(
     type: str,
-    namespace: str,
+    namespace: str | None,
     name: str,
     body: kopf.Body,
     memo: kopf.Memo,
-    claim_index: kopf.Index[Key, tuple[str, str]],
+    claim_index: ClaimIndex | None = None,
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
-    key = (namespace, name)
+    key = (_ns(namespace), name)
     before = runtime.last_hpas.get(key)
     after = None if type == "DELETED" else hpa_target(body)
     if key in runtime.last_hpas and before == after:
         return
     runtime.last_hpas[key] = after
+    assert claim_index is not None
     for target in {before, after}:
         if target is not None:
-            runtime.wake_claimants((namespace, target[0]), claim_index)
+            runtime.wake_claimants((_ns(namespace), target[0]), claim_index)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def budget_changed(
-    type: str, namespace: str, name: str, meta: kopf.Meta, memo: kopf.Memo, **_: Any
+    type: str, namespace: str | None, name: str, meta: kopf.Meta, memo: kopf.Memo, **_: Any
 ) -> None:
     """Wake the budget when its spec changes (our own status patches do not bump generation)."""
     runtime = _runtime(memo)
-    key = (namespace, name)
+    key = (_ns(namespace), name)
     generation = int(meta.get("generation") or 0)
     if type != "DELETED" and runtime.last_generations.get(key) == generation:
         return
@@ -181,18 +192,21 @@ def budget_changed(
 @kopf.daemon(GROUP, VERSION, PLURAL, id="reconcile", cancellation_timeout=10)
 async def budget_daemon(
     stopped: kopf.DaemonStopped,
-    namespace: str,
+    namespace: str | None,
     name: str,
     body: kopf.Body,
     memo: kopf.Memo,
-    deployment_index: kopf.Index[Key, DeploymentState],
-    hpa_index: kopf.Index[Key, int],
-    claim_index: kopf.Index[Key, tuple[str, str]],
     logger: kopf.Logger,
+    deployment_index: kopf.Index[Key, DeploymentState] | None = None,
+    hpa_index: kopf.Index[Key, int] | None = None,
+    claim_index: ClaimIndex | None = None,
     **_: Any,
 ) -> None:
+    assert deployment_index is not None
+    assert hpa_index is not None
+    assert claim_index is not None
     runtime = _runtime(memo)
-    key = (namespace, name)
+    key = (_ns(namespace), name)
     wake = runtime.wakeup(key)
     memory = runtime.memories.setdefault(key, BudgetMemory())
     try:
@@ -204,7 +218,7 @@ async def budget_daemon(
                 claims={k: list(v) for k, v in claim_index.items()},
             )
             budget = BudgetObject(
-                namespace=namespace,
+                namespace=key[0],
                 name=name,
                 uid=str(body.metadata.uid),
                 generation=int(body.metadata.get("generation") or 0),
@@ -224,7 +238,7 @@ async def budget_daemon(
         runtime.memories.pop(key, None)
         if memory.prober is not None:
             await memory.prober.close()
-        metrics.forget_budget(namespace, name)
+        metrics.forget_budget(key[0], name)
 
 
 def _latest(index: kopf.Index[Key, DeploymentState]) -> dict[Key, DeploymentState]:

@@ -22,7 +22,11 @@ def run_operator(
 ) -> int:
     assert handlers.budget_daemon is not None  # importing the module registered the handlers
     kopf.configure(verbose=verbose, log_prefix=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # request lines are noise at INFO
+    # One line per HTTP request and per handled watch event is noise at INFO; our own
+    # reconcile summary lines (logger "poolbudget.reconcile") say what happened.
+    quiet = logging.DEBUG if verbose else logging.WARNING
+    for noisy in ("httpx2", "httpx", "kopf.objects"):
+        logging.getLogger(noisy).setLevel(quiet)
     if metrics_port:
         start_http_server(metrics_port, addr=bind_address)
     liveness = f"http://{bind_address}:{health_port}/healthz" if health_port else None

@@ -156,6 +156,10 @@ class BudgetMemory:
     dsn_fingerprint: str | None = None
     prober: DatabaseProber | None = None
     failures: int = 0
+    # The status this process last wrote, with the generation it was for: the object Kopf
+    # hands us may not show our own patch yet, and fields like restartedTime must not be
+    # lost to that race.
+    last_status: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ class Reconciler:
         now = self.clock()
         ref = BudgetEventRef(budget.namespace, budget.name, budget.uid)
         labels = {"namespace": budget.namespace, "poolbudget": budget.name}
-        previous = dict(budget.status)
+        previous = dict(memory.last_status if memory.last_status is not None else budget.status)
 
         try:
             spec = PoolBudgetSpec.model_validate(budget.spec)
@@ -221,7 +225,7 @@ class Reconciler:
                     )
                 ],
             )
-            return await self._finish(ref, budget, previous, status, None, "invalid")
+            return await self._finish(ref, budget, previous, status, None, "invalid", memory)
 
         # 1. The database's limits.
         try:
@@ -242,7 +246,9 @@ class Reconciler:
             )
             status = self._status_with(previous, budget, now, [observation])
             await self._event_on_change(ref, previous, observation, "Warning")
-            return await self._finish(ref, budget, previous, status, backoff, "database-error")
+            return await self._finish(
+                ref, budget, previous, status, backoff, "database-error", memory
+            )
         memory.failures = 0
         self._publish_database_metrics(labels, spec, database)
 
@@ -295,7 +301,13 @@ class Reconciler:
             status["verdict"] = plan.verdict.value
             await self._event_on_change(ref, previous, infeasible, "Warning")
             return await self._finish(
-                ref, budget, previous, status, float(spec.database.refresh_seconds), "infeasible"
+                ref,
+                budget,
+                previous,
+                status,
+                float(spec.database.refresh_seconds),
+                "infeasible",
+                memory,
             )
         metrics.FEASIBLE.labels(**labels).set(1)
 
@@ -457,7 +469,7 @@ class Reconciler:
         next_check = self._seconds_until_database_refresh(spec, memory)
         if rollout.recheck_after_seconds is not None:
             next_check = min(next_check, rollout.recheck_after_seconds)
-        return await self._finish(ref, budget, previous, status, next_check, "ok")
+        return await self._finish(ref, budget, previous, status, next_check, "ok", memory)
 
     # --- database ------------------------------------------------------------------------
 
@@ -640,6 +652,7 @@ class Reconciler:
         status: dict[str, Any],
         next_check: float | None,
         outcome: str,
+        memory: BudgetMemory,
     ) -> Outcome:
         metrics.RECONCILES.labels(
             namespace=budget.namespace, poolbudget=budget.name, outcome=outcome
@@ -648,6 +661,16 @@ class Reconciler:
         if _comparable(status) != _comparable(previous):
             await self.kube.patch_budget_status(budget.namespace, budget.name, status)
             written = True
+            memory.last_status = status
+            logger.info(
+                "%s/%s: %s; %s",
+                budget.namespace,
+                budget.name,
+                outcome,
+                "; ".join(
+                    f"{c['type']}={c['status']} ({c['reason']})" for c in status["conditions"]
+                ),
+            )
         return Outcome(next_check_seconds=next_check, status=status, status_written=written)
 
     async def _event_on_change(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
+import httpx2
 from lightkube import ApiError, AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.core_v1 import EventSource, ObjectReference
@@ -83,13 +83,13 @@ class KubeGateway:
             secret = await self._client.get(Secret, name, namespace=namespace)
         except ApiError as exc:
             raise _translate(exc, what) from None
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             raise KubeError(f"{what}: {type(exc).__name__}") from None
         raw = (secret.data or {}).get(key)
         if raw is None:
             plain = (secret.stringData or {}).get(key)  # only set on freshly applied objects
             if plain is not None:
-                return plain
+                return str(plain)
             raise SecretKeyMissingError(f"{what} has no key {key!r}")
         try:
             return base64.b64decode(raw, validate=True).decode()
@@ -104,7 +104,7 @@ class KubeGateway:
             if exc.status.code == 404:
                 return None
             raise _translate(exc, f"ConfigMap {namespace}/{name}") from None
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             raise KubeError(f"ConfigMap {namespace}/{name}: {type(exc).__name__}") from None
         metadata = configmap.metadata or ObjectMeta()
         return ConfigMapView(
@@ -207,5 +207,5 @@ class KubeGateway:
                     await asyncio.sleep(0.05 * 2**attempt)
                     continue
                 raise _translate(exc, what) from None
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 raise KubeError(f"{what}: {type(exc).__name__}") from None

@@ -1,0 +1,51 @@
+"""End-to-end fixtures: the CRD installed, the operator running as its own process.
+
+The operator is started exactly as users run it (`poolbudget run`), against the real
+local control plane, with its metrics and health endpoints on free loopback ports. Tests
+observe it the way a user would: through the API (ConfigMaps, Deployments, ReplicaSets,
+PoolBudget status, Events) and its /metrics endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.localcluster import LocalCluster
+from devtools.podready import PodReadier
+from tests.e2e.support import OperatorProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def crd_installed(local_cluster: LocalCluster) -> LocalCluster:
+    local_cluster.kubectl("apply", "-f", str(REPO / "crds"))
+    local_cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/poolbudgets.poolbudget.dev"
+    )
+    return local_cluster
+
+
+@pytest.fixture(scope="session")
+def operator_process(
+    crd_installed: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(
+        kubeconfig=crd_installed.kubeconfig,
+        log_path=tmp_path_factory.mktemp("operator") / "operator.log",
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def ready_pods(local_cluster: LocalCluster, kube_namespace: str) -> Iterator[str]:
+    """The test namespace, with pods marked Ready as a kubelet would (rollouts complete)."""
+    with PodReadier(str(local_cluster.kubeconfig), [kube_namespace]):
+        yield kube_namespace
