@@ -81,6 +81,7 @@ class PodReadier:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
+        self._client.close()
 
 
 def main() -> None:

@@ -180,6 +180,7 @@ class BudgetEventRef:
 
 VOLATILE_DATABASE_FIELDS = ("connectionsInUse", "observedTime")
 MIN_BACKOFF_SECONDS = 5.0
+RECHECK_AFTER_WRITE_SECONDS = 1.0
 
 
 @dataclass
@@ -354,6 +355,7 @@ class Reconciler:
                     deployment_exists=state is not None,
                     template_hash=None if state is None else state.template_hash,
                     rolling=False if state is None else state.rolling,
+                    unobserved=False if state is None else state.unobserved,
                     stalled=False if state is None else state.stalled,
                     last_restart=_parse_time(
                         previous_allocations.get(name, {}).get("restartedTime")
@@ -467,6 +469,10 @@ class Reconciler:
             await self._event_on_change(ref, previous, feasible, "Warning", reason_changes=True)
 
         next_check = self._seconds_until_database_refresh(spec, memory)
+        if any(a.write_configmap or a.restart for a in rollout.actions):
+            # Confirm the level soon: a write may not produce any event that wakes us
+            # (e.g. the ConfigMap of a Deployment that does not exist yet).
+            next_check = min(next_check, RECHECK_AFTER_WRITE_SECONDS)
         if rollout.recheck_after_seconds is not None:
             next_check = min(next_check, rollout.recheck_after_seconds)
         return await self._finish(ref, budget, previous, status, next_check, "ok", memory)

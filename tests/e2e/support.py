@@ -53,24 +53,24 @@ class OperatorProcess:
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            [
-                sys.executable, "-m", "poolbudget.cli", "run",
-                "--metrics-port", str(self.metrics_port),
-                "--health-port", str(self.health_port),
-                "--bind-address", "127.0.0.1",
-                *self.extra_args,
-            ],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self._process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "poolbudget.cli", "run",
+                    "--metrics-port", str(self.metrics_port),
+                    "--health-port", str(self.health_port),
+                    "--bind-address", "127.0.0.1",
+                    *self.extra_args,
+                ],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
         wait_for(self._healthy, timeout=60, what="the operator's health endpoint")
 
     def _healthy(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
             raise AssertionError(f"operator exited {self._process.returncode}:\n{self.log()}")
         try:
-            with urllib.request.urlopen(  # noqa: S310 - loopback URL we built
+            with urllib.request.urlopen(
                 f"http://127.0.0.1:{self.health_port}/healthz", timeout=2
             ) as response:
                 return bool(response.status == 200)

@@ -20,7 +20,10 @@ class DeploymentState(Frozen):
     max_surge: int | str | None
     recreate: bool
     template_hash: str | None
-    rolling: bool
+    rolling: bool  # pods of an older ReplicaSet are still running
+    # The controller has not yet observed the latest spec (generation also moves on
+    # metadata-only edits such as annotations, so this alone is not a rollout).
+    unobserved: bool
     stalled: bool
 
     def facts(self, hpa_max_replicas: int | None) -> DeploymentFacts:
@@ -47,14 +50,13 @@ def deployment_state(body: Mapping[str, Any]) -> DeploymentState:
     template_meta = _mapping(_mapping(spec.get("template")).get("metadata"))
     annotations = _mapping(template_meta.get("annotations"))
 
-    replicas = int(spec.get("replicas", 1))
     generation = int(metadata.get("generation", 0))
     observed = int(status.get("observedGeneration", 0))
     updated = int(status.get("updatedReplicas", 0))
     total = int(status.get("replicas", 0))
-    # The same test `kubectl rollout status` makes, minus availability: a Deployment whose
-    # pods are all new but not (yet) ready is not turning pods over any more.
-    rolling = observed < generation or updated < replicas or total > updated
+    # Old pods still present: the part of `kubectl rollout status` that means pods are
+    # being turned over. A scale-up (updated < replicas, all from one ReplicaSet) is not.
+    rolling = total > updated
     stalled = any(
         _mapping(c).get("type") == "Progressing"
         and _mapping(c).get("status") == "False"
@@ -64,11 +66,12 @@ def deployment_state(body: Mapping[str, Any]) -> DeploymentState:
     raw_hash = annotations.get(ANNOTATION_CONFIG_HASH)
     return DeploymentState(
         name=str(metadata.get("name", "")),
-        replicas=replicas,
+        replicas=int(spec.get("replicas", 1)),
         max_surge=rolling_update.get("maxSurge"),
         recreate=strategy.get("type") == "Recreate",
         template_hash=None if raw_hash is None else str(raw_hash),
         rolling=rolling,
+        unobserved=observed < generation,
         stalled=stalled and rolling,
     )
 

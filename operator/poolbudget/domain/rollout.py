@@ -37,6 +37,10 @@ class TargetState(Frozen):
     deployment_exists: bool = True
     template_hash: str | None = None  # poolbudget.dev/config-hash on the pod template
     rolling: bool = False  # a rollout of this Deployment is in progress
+    # A spec change the Deployment controller has not observed yet (maybe the start of a
+    # rollout): holds a restart slot so maxConcurrent is never exceeded, but is not
+    # reported as rolling.
+    unobserved: bool = False
     stalled: bool = False  # ... and the Deployment controller gave up on it
     last_restart: datetime | None = None  # when this operator last restarted it
 
@@ -102,7 +106,7 @@ def plan_rollout(
     # Without restarts there is no pod turnover to order: write everything at once.
     hold_growers = bool(unsettled_others) and policy.restarts_enabled
 
-    slots = policy.max_concurrent - sum(1 for t in targets if t.rolling)
+    slots = policy.max_concurrent - sum(1 for t in targets if t.rolling or t.unobserved)
     recheck: float | None = None
     actions: list[TargetAction] = []
     # Non-growers first so they take the restart slots; name order for determinism.

@@ -1,0 +1,3 @@
+"""Shared pytest set-up: the real-infrastructure fixtures live in tests/fixtures/."""
+
+pytest_plugins = ["tests.fixtures.cluster"]

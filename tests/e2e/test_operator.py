@@ -1,0 +1,351 @@
+"""The operator against the real control plane: ConfigMaps, restarts, pacing, no-ops.
+
+These budgets take `maxConnectionsOverride`, so the database is not involved here; the
+tests that need PostgreSQL are in test_database.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from devtools.localcluster import LocalCluster
+from tests.e2e.support import OperatorProcess, kubectl_json, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+HASH = "poolbudget.dev/config-hash"
+
+
+def deployment(name: str, replicas: int, *, surge: str | int = "25%") -> str:
+    unavailable = 1 if surge == 0 else 0  # Kubernetes forbids both being 0
+    return textwrap.dedent(f"""\
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {{name: {name}}}
+        spec:
+          replicas: {replicas}
+          selector: {{matchLabels: {{app: {name}}}}}
+          strategy: {{type: RollingUpdate, rollingUpdate: {{maxSurge: {json.dumps(surge)}, maxUnavailable: {unavailable}}}}}
+          template:
+            metadata: {{labels: {{app: {name}}}}}
+            spec:
+              containers:
+                - name: app
+                  image: example.invalid/app:1
+                  envFrom: [{{configMapRef: {{name: {name}-db-pool}}}}]
+        """)
+
+
+def budget(name: str, targets: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "poolbudget.dev/v1alpha1",
+        "kind": "PoolBudget",
+        "metadata": {"name": name},
+        "spec": {
+            "database": {"maxConnectionsOverride": 200},
+            "reservedConnections": 10,
+            "targets": targets,
+            "rollout": {"maxConcurrent": 2, "minIntervalSeconds": 0},
+            **spec,
+        },
+    }
+
+
+class Cluster:
+    """Small conveniences over kubectl for one test namespace."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl("-n", self.namespace, *args, check=check)
+
+    def apply(self, document: str | dict[str, Any]) -> None:
+        text = document if isinstance(document, str) else yaml.safe_dump(document)
+        self.cluster.kubectl("-n", self.namespace, "apply", "-f", "-", input=text)
+
+    def get(self, *args: str) -> Any:
+        return kubectl_json(self.cluster.kubectl, "-n", self.namespace, "get", *args)
+
+    def configmap(self, name: str) -> dict[str, str] | None:
+        found = self.get("configmap", name)
+        return None if found is None else dict(found.get("data") or {})
+
+    def template_hash(self, deployment_name: str) -> str | None:
+        found = self.get("deployment", deployment_name)
+        annotations = found["spec"]["template"]["metadata"].get("annotations") or {}
+        return annotations.get(HASH)
+
+    def replicasets(self, deployment_name: str) -> list[str]:
+        found = self.get("replicasets", "-l", f"app={deployment_name}")
+        return sorted(item["metadata"]["name"] for item in found["items"])
+
+    def status(self, budget_name: str) -> dict[str, Any]:
+        found = self.get("poolbudget", budget_name)
+        return dict(found.get("status") or {}) if found else {}
+
+    def condition(self, budget_name: str, kind: str) -> dict[str, Any] | None:
+        for condition in self.status(budget_name).get("conditions") or []:
+            if condition["type"] == kind:
+                return dict(condition)
+        return None
+
+    def allocation(self, budget_name: str, deployment_name: str) -> dict[str, Any] | None:
+        for entry in self.status(budget_name).get("allocations") or []:
+            if entry["deploymentName"] == deployment_name:
+                return dict(entry)
+        return None
+
+    def events(self, reason: str) -> list[str]:
+        found = self.get("events", "--field-selector", f"reason={reason}")
+        return [item["message"] for item in found["items"]]
+
+    def ready(self, budget_name: str) -> bool:
+        condition = self.condition(budget_name, "Ready")
+        return condition is not None and condition["status"] == "True"
+
+
+@pytest.fixture
+def ns(local_cluster: LocalCluster, ready_pods: str, operator_process: OperatorProcess) -> Cluster:
+    del operator_process  # running is all we need of it here
+    return Cluster(local_cluster, ready_pods)
+
+
+def plan_cli(budget_doc: dict[str, Any], tmp_path: Path, *flags: str) -> dict[str, Any]:
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump(budget_doc))
+    result = subprocess.run(
+        [sys.executable, "-m", "poolbudget.cli", "plan", "-f", str(path), "-o", "json", *flags],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    plan: dict[str, Any] = json.loads(result.stdout)
+    return plan
+
+
+def test_two_targets_get_configmaps_matching_the_plan_and_a_template_hash(
+    ns: Cluster, tmp_path: Path
+) -> None:
+    ns.apply(deployment("api", 3))
+    ns.apply(deployment("worker", 2, surge=0))
+    doc = budget(
+        "shop",
+        [
+            {"deploymentName": "api", "processesPerPod": 4, "weight": 2},
+            {"deploymentName": "worker", "processesPerPod": 2, "maxPoolSize": 10},
+        ],
+    )
+    ns.apply(doc)
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+
+    expected = plan_cli(
+        doc, tmp_path, "--replicas", "api=3", "--replicas", "worker=2", "--max-surge", "worker=0"
+    )
+    for allocation in expected["allocations"]:
+        name = allocation["name"]
+        data = ns.configmap(f"{name}-db-pool")
+        assert data is not None
+        assert int(data["DB_POOL_SIZE"]) == allocation["poolSize"]
+        assert int(data["DB_MAX_OVERFLOW"]) == allocation["maxOverflow"]
+        assert data["DB_APPLICATION_NAME"] == name
+        assert json.loads(data["sqlalchemy.json"])["pool_size"] == allocation["poolSize"]
+        status_entry = ns.allocation("shop", name)
+        assert status_entry is not None
+        assert ns.template_hash(name) == status_entry["configHash"]
+        assert status_entry["peakConnections"] == allocation["peakConnections"]
+    status = ns.status("shop")
+    assert status["peakConnections"] == expected["peakConnections"]
+    assert status["headroom"] == expected["headroom"]
+    labels = ns.get("configmap", "api-db-pool")["metadata"]["labels"]
+    assert labels == {
+        "app.kubernetes.io/managed-by": "poolbudget-operator",
+        "poolbudget.dev/budget": "shop",
+    }
+    assert ns.events("ConfigMapUpdated")
+    assert ns.events("RolloutRestarted")
+
+
+def test_scaling_rebudgets_and_rolls_but_hpa_covered_scaling_changes_nothing(
+    ns: Cluster, operator_process: OperatorProcess
+) -> None:
+    operator = operator_process
+    ns.apply(deployment("api", 2))
+    ns.apply(deployment("web", 2))
+    ns.apply(
+        textwrap.dedent("""\
+        apiVersion: autoscaling/v2
+        kind: HorizontalPodAutoscaler
+        metadata: {name: web}
+        spec:
+          scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+          minReplicas: 2
+          maxReplicas: 8
+          metrics:
+            - type: Resource
+              resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}
+        """)
+    )
+    ns.apply(
+        budget(
+            "shop",
+            [
+                {"deploymentName": "api", "processesPerPod": 2},
+                {"deploymentName": "web", "processesPerPod": 2},
+            ],
+        )
+    )
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    web = ns.allocation("shop", "web")
+    assert web is not None
+    assert web["podsWorstCase"] == 8 + 2  # HPA max + 25% surge of 8
+    api_before = ns.allocation("shop", "api")
+    assert api_before is not None
+    wait_for(lambda: _writes_stable(operator, 2.0), timeout=60, what="writes to settle")
+    api_sets = ns.replicasets("api")
+    web_sets = ns.replicasets("web")
+    web_data = ns.configmap("web-db-pool")
+    writes = operator.api_writes()
+    reconciles = _reconciles(operator, ns.namespace)
+
+    # Within the HPA's max the worst case is unchanged: the operator reconciles (the
+    # replicas changed) and writes nothing, restarts nothing.
+    ns.kubectl("scale", "deployment", "web", "--replicas=6")
+    wait_for(lambda: _reconciles(operator, ns.namespace) > reconciles, timeout=30,
+             what="a reconcile after scaling web")  # fmt: skip
+    assert operator.api_writes() == writes
+    assert ns.replicasets("web") == web_sets
+    assert ns.configmap("web-db-pool") == web_data
+
+    # Scaling api (no HPA) re-budgets: its worst case grows from 3 to 8 pods, its pool
+    # shrinks, and it rolls.
+    ns.kubectl("scale", "deployment", "api", "--replicas=6")
+    wait_for(
+        lambda: (ns.allocation("shop", "api") or {}).get("podsWorstCase") == 6 + 2,
+        timeout=60, what="api re-budgeted for 8 pods",
+    )  # fmt: skip
+    api_after = ns.allocation("shop", "api")
+    assert api_after is not None
+    assert api_after["poolSize"] < api_before["poolSize"]
+    wait_for(
+        lambda: len(ns.replicasets("api")) > len(api_sets), timeout=60, what="a new api ReplicaSet"
+    )
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready again")
+
+
+def _reconciles(process: OperatorProcess, namespace: str) -> float:
+    return sum(
+        value
+        for key, value in process.metrics().items()
+        if key.startswith("poolbudget_reconciles_total") and f'namespace="{namespace}"' in key
+    )
+
+
+def test_operator_restart_restarts_no_deployment(
+    ns: Cluster, operator_process: OperatorProcess
+) -> None:
+    ns.apply(deployment("api", 2))
+    ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4}]))
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    generation = ns.get("deployment", "api")["metadata"]["generation"]
+    sets = ns.replicasets("api")
+
+    operator_process.restart()
+    # The restarted operator has reconciled when its metrics show a reconcile of this budget.
+    wait_for(lambda: _reconciles(operator_process, ns.namespace) > 0, timeout=60,
+             what="a reconcile after the restart")  # fmt: skip
+    assert ns.get("deployment", "api")["metadata"]["generation"] == generation
+    assert ns.replicasets("api") == sets
+    assert ns.ready("shop")
+
+
+def test_no_writes_when_nothing_changed(ns: Cluster, operator_process: OperatorProcess) -> None:
+    ns.apply(deployment("api", 2))
+    ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4}]))
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    # Let the restart's rollout and its status updates settle.
+    wait_for(lambda: _writes_stable(operator_process, 3.0), timeout=60, what="writes to settle")
+    before = operator_process.api_writes()
+    # Events that change nothing the budget depends on: a label, an annotation on the
+    # Deployment (not its template), and a no-op touch of the PoolBudget's labels.
+    ns.kubectl("label", "deployment", "api", "team=payments")
+    ns.kubectl("annotate", "deployment", "api", "note=hello")
+    ns.kubectl("label", "poolbudget", "shop", "owner=platform")
+    time.sleep(3)  # a quiet period is the thing being measured here, not a wait for a state
+    assert operator_process.api_writes() == before
+
+
+def _writes_stable(process: OperatorProcess, seconds: float) -> bool:
+    before = process.api_writes()
+    time.sleep(seconds)
+    return process.api_writes() == before
+
+
+def test_infeasible_budget_keeps_the_last_good_configmap(ns: Cluster) -> None:
+    ns.apply(deployment("api", 2))
+    ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4, "minPoolSize": 2}]))
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    good = ns.configmap("api-db-pool")
+    # 30 replicas x 4 workers x minPoolSize 2 = 240+ connections > 187 usable.
+    ns.kubectl("scale", "deployment", "api", "--replicas=30")
+    wait_for(
+        lambda: (ns.condition("shop", "BudgetFeasible") or {}).get("status") == "False",
+        timeout=60, what="BudgetFeasible=False",
+    )  # fmt: skip
+    condition = ns.condition("shop", "BudgetFeasible")
+    assert condition is not None
+    assert condition["reason"] == "BudgetInfeasible"
+    assert "short by" in condition["message"]
+    assert ns.condition("shop", "Ready")["status"] == "False"  # type: ignore[index]
+    assert ns.configmap("api-db-pool") == good
+    assert ns.events("BudgetInfeasible")
+
+
+def test_two_budgets_claiming_one_deployment(ns: Cluster) -> None:
+    ns.apply(deployment("api", 1))
+    ns.apply(budget("first", [{"deploymentName": "api", "processesPerPod": 2}]))
+    wait_for(lambda: ns.ready("first"), timeout=60, what="PoolBudget first Ready")
+    ns.apply(
+        budget(
+            "second",
+            [{"deploymentName": "api", "processesPerPod": 8, "configMapName": "api-pool-2"}],
+        )
+    )
+    wait_for(
+        lambda: (ns.allocation("second", "api") or {}).get("state") == "Conflict",
+        timeout=60, what="second reports a conflict",
+    )  # fmt: skip
+    assert ns.configmap("api-pool-2") is None
+    assert ns.condition("second", "Ready")["reason"] == "TargetConflict"  # type: ignore[index]
+    assert ns.events("TargetConflict")
+    assert ns.ready("first")
+
+
+def test_missing_deployment_is_reported_and_its_configmap_written(ns: Cluster) -> None:
+    ns.apply(budget("shop", [{"deploymentName": "later", "processesPerPod": 2}]))
+    wait_for(
+        lambda: (ns.condition("shop", "Ready") or {}).get("reason") == "DeploymentNotFound",
+        timeout=60, what="Ready=False DeploymentNotFound",
+    )  # fmt: skip
+    assert ns.configmap("later-db-pool") is not None
+    assert ns.events("DeploymentNotFound")
+    ns.apply(deployment("later", 1))
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="Ready once the Deployment exists")
+    assert ns.template_hash("later") == (ns.allocation("shop", "later") or {}).get("configHash")
+
+
+def test_deleting_the_budget_leaves_configmaps(ns: Cluster) -> None:
+    ns.apply(deployment("api", 1))
+    ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 2}]))
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    ns.kubectl("delete", "poolbudget", "shop", "--timeout=60s")
+    assert ns.get("poolbudget", "shop") is None
+    assert ns.configmap("api-db-pool") is not None
