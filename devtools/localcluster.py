@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import base64
 import ctypes
 import json
 import os
@@ -255,10 +256,18 @@ def write_kubeconfig(
     client_key: Path | None = None,
     token: str | None = None,
 ) -> Path:
-    """A one-context kubeconfig. JSON is valid YAML, so no YAML library is needed."""
+    """A self-contained one-context kubeconfig (certificates embedded, so it still works
+    when copied elsewhere). JSON is valid YAML, so no YAML library is needed."""
+
+    def embed(pem: Path) -> str:
+        return base64.b64encode(pem.read_bytes()).decode()
+
     credentials: dict[str, str] = {}
     if client_cert is not None and client_key is not None:
-        credentials = {"client-certificate": str(client_cert), "client-key": str(client_key)}
+        credentials = {
+            "client-certificate-data": embed(client_cert),
+            "client-key-data": embed(client_key),
+        }
     if token is not None:
         credentials = {"token": token}
     config = {
@@ -267,7 +276,7 @@ def write_kubeconfig(
         "clusters": [
             {
                 "name": "poolbudget-local",
-                "cluster": {"server": server, "certificate-authority": str(ca_cert)},
+                "cluster": {"server": server, "certificate-authority-data": embed(ca_cert)},
             }
         ],
         "users": [{"name": user, "user": credentials}],
@@ -727,10 +736,10 @@ def down(state_dir: Path) -> int:
             if _process_running(pid, executable):
                 _terminate_group(pid, executable)
                 stopped.append(f"{process['name']} (pid {pid})")
+    print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
     if state_dir.exists():
         shutil.rmtree(state_dir)
-    print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
-    print(f"removed: {state_dir}")
+        print(f"removed: {state_dir}")
     return 0
 
 
