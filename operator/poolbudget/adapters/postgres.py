@@ -29,11 +29,9 @@ SELECT name, setting FROM pg_catalog.pg_settings
 WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections',
                'server_version', 'server_version_num')
 """
-# Counts client backends; an unprivileged role sees every row of pg_stat_activity (only
-# the query text of other roles is hidden), so the count is right without privileges.
-_IN_USE_QUERY = (
-    "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'"
-)
+# Client connections, as any role may count them: pg_stat_activity hides backend_type of
+# other roles' sessions from an unprivileged role, pg_stat_database.numbackends does not.
+_IN_USE_QUERY = "SELECT coalesce(sum(numbackends), 0) FROM pg_catalog.pg_stat_database"
 
 
 class DatabaseProbeError(Exception):
