@@ -15,7 +15,7 @@ import pytest
 
 from devtools.localcluster import LocalCluster
 from devtools.podready import PodReadier
-from tests.e2e.support import OperatorProcess
+from tests.e2e.support import Cluster, OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,3 +49,9 @@ def ready_pods(local_cluster: LocalCluster, kube_namespace: str) -> Iterator[str
     """The test namespace, with pods marked Ready as a kubelet would (rollouts complete)."""
     with PodReadier(str(local_cluster.kubeconfig), [kube_namespace]):
         yield kube_namespace
+
+
+@pytest.fixture
+def ns(local_cluster: LocalCluster, ready_pods: str, operator_process: OperatorProcess) -> Cluster:
+    del operator_process  # running is all we need of it here
+    return Cluster(local_cluster, ready_pods)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from devtools.localcluster import free_port
+import yaml
+
+from devtools.localcluster import LocalCluster, free_port
 
 T = TypeVar("T")
 
@@ -118,3 +121,96 @@ def kubectl_json(kubectl: Callable[..., subprocess.CompletedProcess[str]], *args
     if result.returncode != 0:
         return None
     return json.loads(result.stdout)
+
+
+HASH = "poolbudget.dev/config-hash"
+
+
+def deployment(name: str, replicas: int, *, surge: str | int = "25%") -> str:
+    unavailable = 1 if surge == 0 else 0  # Kubernetes forbids both being 0
+    return textwrap.dedent(f"""\
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {{name: {name}}}
+        spec:
+          replicas: {replicas}
+          selector: {{matchLabels: {{app: {name}}}}}
+          strategy: {{type: RollingUpdate, rollingUpdate: {{maxSurge: {json.dumps(surge)}, maxUnavailable: {unavailable}}}}}
+          template:
+            metadata: {{labels: {{app: {name}}}}}
+            spec:
+              containers:
+                - name: app
+                  image: example.invalid/app:1
+                  envFrom: [{{configMapRef: {{name: {name}-db-pool}}}}]
+        """)
+
+
+def budget(name: str, targets: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "poolbudget.dev/v1alpha1",
+        "kind": "PoolBudget",
+        "metadata": {"name": name},
+        "spec": {
+            "database": {"maxConnectionsOverride": 200},
+            "reservedConnections": 10,
+            "targets": targets,
+            "rollout": {"maxConcurrent": 2, "minIntervalSeconds": 0},
+            **spec,
+        },
+    }
+
+
+class Cluster:
+    """Small conveniences over kubectl for one test namespace."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl("-n", self.namespace, *args, check=check)
+
+    def apply(self, document: str | dict[str, Any]) -> None:
+        text = document if isinstance(document, str) else yaml.safe_dump(document)
+        self.cluster.kubectl("-n", self.namespace, "apply", "-f", "-", input=text)
+
+    def get(self, *args: str) -> Any:
+        return kubectl_json(self.cluster.kubectl, "-n", self.namespace, "get", *args)
+
+    def configmap(self, name: str) -> dict[str, str] | None:
+        found = self.get("configmap", name)
+        return None if found is None else dict(found.get("data") or {})
+
+    def template_hash(self, deployment_name: str) -> str | None:
+        found = self.get("deployment", deployment_name)
+        annotations = found["spec"]["template"]["metadata"].get("annotations") or {}
+        return annotations.get(HASH)
+
+    def replicasets(self, deployment_name: str) -> list[str]:
+        found = self.get("replicasets", "-l", f"app={deployment_name}")
+        return sorted(item["metadata"]["name"] for item in found["items"])
+
+    def status(self, budget_name: str) -> dict[str, Any]:
+        found = self.get("poolbudget", budget_name)
+        return dict(found.get("status") or {}) if found else {}
+
+    def condition(self, budget_name: str, kind: str) -> dict[str, Any] | None:
+        for condition in self.status(budget_name).get("conditions") or []:
+            if condition["type"] == kind:
+                return dict(condition)
+        return None
+
+    def allocation(self, budget_name: str, deployment_name: str) -> dict[str, Any] | None:
+        for entry in self.status(budget_name).get("allocations") or []:
+            if entry["deploymentName"] == deployment_name:
+                return dict(entry)
+        return None
+
+    def events(self, reason: str) -> list[str]:
+        found = self.get("events", "--field-selector", f"reason={reason}")
+        return [item["message"] for item in found["items"]]
+
+    def ready(self, budget_name: str) -> bool:
+        condition = self.condition(budget_name, "Ready")
+        return condition is not None and condition["status"] == "True"

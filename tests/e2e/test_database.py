@@ -1,0 +1,130 @@
+"""The operator with a real PostgreSQL behind a Secret: limits, refresh, failures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from devtools.localcluster import LocalClusterError
+from devtools.pgserver import PostgresServer
+from tests.e2e.support import Cluster, OperatorProcess, budget, deployment, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.postgres]
+
+PASSWORD = "e2e-monitor-pw-4471"
+
+
+@pytest.fixture
+def database() -> Iterator[tuple[PostgresServer, str]]:
+    settings = {
+        "max_connections": "60",
+        "superuser_reserved_connections": "3",
+        "reserved_connections": "2",
+    }
+    with PostgresServer(major=16, settings=settings) as server:
+        yield server, server.create_role("monitor", PASSWORD, database="shop")
+
+
+def secret(ns: Cluster, dsn: str) -> None:
+    manifest = ns.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "shop-db",
+        f"--from-literal=dsn={dsn}",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ).stdout
+    ns.apply(manifest)
+
+
+def db_budget(refresh: int = 5) -> dict[str, object]:
+    doc = budget("shop", [{"deploymentName": "api", "processesPerPod": 2}])
+    doc["spec"]["database"] = {
+        "connectionSecretRef": {"name": "shop-db", "key": "dsn"},
+        "refreshSeconds": refresh,
+    }
+    return doc
+
+
+def test_limits_come_from_the_database_and_follow_a_restart(
+    ns: Cluster, database: tuple[PostgresServer, str]
+) -> None:
+    server, dsn = database
+    secret(ns, dsn)
+    ns.apply(deployment("api", 2))
+    ns.apply(db_budget(refresh=5))
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    status = ns.status("shop")
+    assert status["database"]["maxConnections"] == 60
+    assert status["database"]["superuserReservedConnections"] == 3
+    assert status["database"]["reservedConnections"] == 2
+    assert status["database"]["serverVersion"].startswith("16.")
+    assert status["usableConnections"] == 60 - 3 - 2 - 10
+    # 2 replicas + 25% surge = 3 pods x 2 workers = 6 workers; floor(45 / 6) - 5 = 2
+    assert ns.configmap("api-db-pool")["DB_POOL_SIZE"] == "2"  # type: ignore[index]
+    sets = ns.replicasets("api")
+
+    server.restart({"max_connections": "120"})
+    wait_for(
+        lambda: (ns.status("shop").get("database") or {}).get("maxConnections") == 120,
+        timeout=30, what="the new max_connections within refreshSeconds",
+    )  # fmt: skip
+    wait_for(lambda: (ns.configmap("api-db-pool") or {}).get("DB_POOL_SIZE") == str(105 // 6 - 5),
+             timeout=30, what="the grown pool")  # fmt: skip
+    wait_for(lambda: len(ns.replicasets("api")) > len(sets), timeout=30, what="a rollout")
+    assert PASSWORD not in str(ns.status("shop"))
+
+
+def test_wrong_password_and_missing_secret_keep_the_last_good_configmap(
+    ns: Cluster, database: tuple[PostgresServer, str], operator_process: OperatorProcess
+) -> None:
+    _, dsn = database
+    secret(ns, dsn)
+    ns.apply(deployment("api", 2))
+    ns.apply(db_budget(refresh=5))
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    good = ns.configmap("api-db-pool")
+    sets = ns.replicasets("api")
+
+    wrong = dsn.replace(PASSWORD, "wrong-password-9931")
+    secret(ns, wrong)
+    wait_for(
+        lambda: (ns.condition("shop", "DatabaseObserved") or {}).get("reason") == "AuthenticationFailed",
+        timeout=30, what="DatabaseObserved=False AuthenticationFailed",
+    )  # fmt: skip
+    observed = ns.condition("shop", "DatabaseObserved")
+    assert observed is not None
+    assert observed["status"] == "False"
+    assert "last good ConfigMaps are kept" in observed["message"]
+    assert ns.condition("shop", "Ready")["status"] == "False"  # type: ignore[index]
+    assert ns.configmap("api-db-pool") == good
+    assert ns.replicasets("api") == sets
+    assert ns.events("AuthenticationFailed")
+
+    ns.kubectl("delete", "secret", "shop-db")
+    wait_for(
+        lambda: (ns.condition("shop", "DatabaseObserved") or {}).get("reason") == "SecretNotFound",
+        timeout=30, what="DatabaseObserved=False SecretNotFound",
+    )  # fmt: skip
+    assert ns.configmap("api-db-pool") == good
+    assert ns.events("SecretNotFound")
+
+    # Secrets never leak: not in status, not in events, not in the operator's log.
+    everything = str(ns.status("shop")) + str(ns.get("events")) + operator_process.log()
+    for leaked in (PASSWORD, "wrong-password-9931"):
+        assert leaked not in everything
+
+    secret(ns, dsn)  # fixed: back to Ready without touching the Deployment
+    wait_for(lambda: ns.ready("shop"), timeout=30, what="Ready again after the fix")
+    assert ns.configmap("api-db-pool") == good
+    assert ns.replicasets("api") == sets
+
+
+def test_invalid_spec_is_rejected_by_the_api_server(ns: Cluster) -> None:
+    doc = budget("bad", [{"deploymentName": "api", "minPoolSize": 5, "maxPoolSize": 2}])
+    with pytest.raises(LocalClusterError, match="minPoolSize"):
+        ns.apply(doc)
+    assert ns.get("poolbudget", "bad") is None
