@@ -33,6 +33,8 @@ class CamelModel(BaseModel):
 
 
 class Pooling(StrEnum):
+    """How applications reach PostgreSQL."""
+
     DIRECT = "Direct"
     # Behind PgBouncer in transaction mode, prepared-statement caches must be off.
     PGBOUNCER_TRANSACTION = "PgBouncerTransaction"
@@ -51,43 +53,183 @@ class RolloutStrategy(StrEnum):
 
 
 class SecretKeyRef(CamelModel):
-    name: str = Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)
-    key: str = Field(default="dsn", min_length=1, max_length=253)
+    """A key of a Secret in the PoolBudget's namespace."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
+        description="Name of the Secret, in the PoolBudget's namespace.",
+    )
+    key: str = Field(
+        default="dsn",
+        min_length=1,
+        max_length=253,
+        description="Key in the Secret whose value is the DSN.",
+    )
 
 
 class DatabaseSpec(CamelModel):
-    connection_secret_ref: SecretKeyRef | None = None
-    max_connections_override: int | None = Field(default=None, ge=1, le=262143)
-    refresh_seconds: int = Field(default=60, ge=5, le=86400)
+    """Where the connection limit comes from and how often it is re-read."""
 
-    @model_validator(mode="after")
-    def _has_a_source(self) -> DatabaseSpec:
-        if self.connection_secret_ref is None and self.max_connections_override is None:
-            raise ValueError("set connectionSecretRef or maxConnectionsOverride")
-        return self
+    model_config = CamelModel.model_config | ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.connectionSecretRef) || has(self.maxConnectionsOverride)",
+                    "message": "set connectionSecretRef or maxConnectionsOverride",
+                }
+            ]
+        }
+    )
+
+    connection_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "Secret key holding a postgresql:// DSN (with the database name) the operator "
+            "uses to read max_connections, superuser_reserved_connections and "
+            "reserved_connections. A read-only role is enough. The operator keeps one "
+            "connection open: count it in reservedConnections. The DSN never appears in "
+            "logs, events or status."
+        ),
+    )
+    max_connections_override: int | None = Field(
+        default=None,
+        ge=1,
+        le=262143,
+        description=(
+            "Use this max_connections instead of the database's. Without a "
+            "connectionSecretRef, PostgreSQL's default superuser_reserved_connections (3) "
+            "is assumed."
+        ),
+    )
+    refresh_seconds: int = Field(
+        default=60,
+        ge=5,
+        le=86400,
+        description="How often the database's limits are re-read, in seconds.",
+    )
 
 
 class PoolDefaults(CamelModel):
-    max_overflow: int = Field(default=5, ge=0, le=10000)
-    pool_timeout_seconds: float = Field(default=10, gt=0, le=3600)
-    pool_recycle_seconds: int = Field(default=1800, ge=-1, le=86400)
-    pool_pre_ping: bool = True
-    statement_timeout_milliseconds: int = Field(default=30000, ge=0)
-    idle_in_transaction_session_timeout_milliseconds: int = Field(default=5000, ge=0)
-    command_timeout_seconds: float = Field(default=10, gt=0, le=86400)
+    """SQLAlchemy/asyncpg settings written into every target's ConfigMap."""
+
+    max_overflow: int = Field(
+        default=5,
+        ge=0,
+        le=10000,
+        description=(
+            "max_overflow per worker process unless a target overrides it; lowered "
+            "automatically (for all targets alike) when the minimum pools do not fit."
+        ),
+    )
+    pool_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        le=3600,
+        description="pool_timeout: seconds a request waits for a free connection.",
+    )
+    pool_recycle_seconds: int = Field(
+        default=1800,
+        ge=-1,
+        le=86400,
+        description="pool_recycle: seconds before a connection is replaced; -1 never.",
+    )
+    pool_pre_ping: bool = Field(
+        default=True,
+        description="pool_pre_ping: test connections on checkout.",
+    )
+    statement_timeout_milliseconds: int = Field(
+        default=30000,
+        ge=0,
+        le=2147483647,
+        description="PostgreSQL statement_timeout set on every connection; 0 disables.",
+    )
+    idle_in_transaction_session_timeout_milliseconds: int = Field(
+        default=5000,
+        ge=0,
+        le=2147483647,
+        description=(
+            "PostgreSQL idle_in_transaction_session_timeout set on every connection; 0 disables."
+        ),
+    )
+    command_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        le=86400,
+        description="asyncpg command_timeout: client-side limit per query, in seconds.",
+    )
 
 
 class Target(CamelModel):
-    deployment_name: str = Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)
-    processes_per_pod: int = Field(default=1, ge=1, le=1024)
-    weight: int = Field(default=1, ge=1, le=1000)
-    min_pool_size: int = Field(default=1, ge=1, le=10000)
-    max_pool_size: int | None = Field(default=None, ge=1, le=10000)
-    max_overflow: int | None = Field(default=None, ge=0, le=10000)
-    config_map_name: str | None = Field(
-        default=None, min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN
+    """A Deployment whose pods get pool settings from this budget."""
+
+    model_config = CamelModel.model_config | ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxPoolSize) || self.minPoolSize <= self.maxPoolSize",
+                    "message": "maxPoolSize must be >= minPoolSize",
+                    "fieldPath": ".maxPoolSize",
+                }
+            ]
+        }
     )
-    application_name: str | None = Field(default=None, max_length=63)
+
+    deployment_name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
+        description="Name of a Deployment in the PoolBudget's namespace.",
+    )
+    processes_per_pod: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description=(
+            "Worker processes per pod that each open their own pool (gunicorn/uvicorn "
+            "workers). Connections = pods x processesPerPod x (pool_size + max_overflow)."
+        ),
+    )
+    weight: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Share of the budget relative to the other targets' weights.",
+    )
+    min_pool_size: int = Field(
+        default=1,
+        ge=1,
+        le=10000,
+        description=(
+            "Smallest pool_size worth running. If even these do not fit, max_overflow is "
+            "lowered, then the budget is reported infeasible and nothing is written."
+        ),
+    )
+    max_pool_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description="Largest pool_size to give; what this target does not take goes to others.",
+    )
+    max_overflow: int | None = Field(
+        default=None,
+        ge=0,
+        le=10000,
+        description="Overrides defaults.maxOverflow for this target.",
+    )
+    config_map_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
+        description="ConfigMap to write; default <deploymentName>-db-pool.",
+    )
+    application_name: str | None = Field(
+        default=None,
+        max_length=63,
+        description="PostgreSQL application_name for the connections; default the Deployment name.",
+    )
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> Target:
@@ -103,19 +245,84 @@ class Target(CamelModel):
 
 
 class RolloutSpec(CamelModel):
-    strategy: RolloutStrategy = RolloutStrategy.ROLLING_RESTART
-    max_concurrent: int = Field(default=1, ge=1, le=100)
-    min_interval_seconds: int = Field(default=300, ge=0, le=86400)
+    """How Deployments are restarted when their settings change."""
+
+    strategy: RolloutStrategy = Field(
+        default=RolloutStrategy.ROLLING_RESTART,
+        description=(
+            "RollingRestart: set poolbudget.dev/config-hash on the pod template so the "
+            "Deployment rolls. None: only write ConfigMaps; pods pick them up when they restart."
+        ),
+    )
+    max_concurrent: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description="Deployments of this budget rolling at once (rollouts in progress count).",
+    )
+    min_interval_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=86400,
+        description="Cooldown: a Deployment is not restarted again within this many seconds.",
+    )
+
+
+_CONFIGMAP_OF = "(has({0}.configMapName) ? {0}.configMapName : {0}.deploymentName + '-db-pool')"
 
 
 class PoolBudgetSpec(CamelModel):
-    database: DatabaseSpec
-    reserved_connections: int = Field(default=10, ge=0, le=262143)
-    pooling: Pooling = Pooling.DIRECT
-    replica_basis: ReplicaBasis = ReplicaBasis.WORST_CASE
-    defaults: PoolDefaults = PoolDefaults()
-    targets: tuple[Target, ...] = Field(min_length=1, max_length=200)
-    rollout: RolloutSpec = RolloutSpec()
+    """Keep the listed Deployments' connection pools inside one database's limit."""
+
+    database: DatabaseSpec = Field(description="The database whose limit is shared.")
+    reserved_connections: int = Field(
+        default=10,
+        ge=0,
+        le=262143,
+        description=(
+            "Connections held back for clients outside the budget (admin, monitoring, "
+            "migrations, this operator), on top of PostgreSQL's own reserve."
+        ),
+    )
+    pooling: Pooling = Field(
+        default=Pooling.DIRECT,
+        description=(
+            "Direct: applications connect to PostgreSQL. PgBouncerTransaction: through "
+            "PgBouncer in transaction mode; prepared-statement caches are disabled."
+        ),
+    )
+    replica_basis: ReplicaBasis = Field(
+        default=ReplicaBasis.WORST_CASE,
+        description=(
+            "WorstCase: budget for max(replicas, HPA maxReplicas) + maxSurge pods. "
+            "Current: replicas + maxSurge (breaks when an HPA scales up)."
+        ),
+    )
+    defaults: PoolDefaults = Field(
+        default=PoolDefaults(), description="Pool settings written for every target."
+    )
+    targets: tuple[Target, ...] = Field(
+        min_length=1,
+        max_length=100,
+        description="The Deployments that share the budget.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["deploymentName"],
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.all(t, self.exists_one(u, "
+                    + _CONFIGMAP_OF.format("u")
+                    + " == "
+                    + _CONFIGMAP_OF.format("t")
+                    + "))",
+                    "message": "each target needs its own configMapName",
+                }
+            ],
+        },
+    )
+    rollout: RolloutSpec = Field(
+        default=RolloutSpec(), description="How Deployments are restarted."
+    )
 
     @model_validator(mode="after")
     def _targets_unique(self) -> PoolBudgetSpec:
