@@ -1,0 +1,240 @@
+"""The reconcile flow against in-memory fakes of its adapters (Kube, DatabaseProber).
+
+The real API server and PostgreSQL are exercised in tests/e2e; these pin down the safety
+rules precisely and quickly: what is (not) written on each kind of failure, event
+de-duplication, prober reuse, and that a DSN never leaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from poolbudget.adapters.kube import NotFoundError
+from poolbudget.adapters.postgres import DatabaseAuthError
+from poolbudget.domain.facts import DatabaseFacts
+from poolbudget.domain.observe import DeploymentState
+from poolbudget.reconcile import BudgetMemory, BudgetObject, Observed, Reconciler
+
+DSN = "postgresql://monitor:hunter2-secret@db:5432/shop"
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class FakeConfigMap:
+    data: dict[str, str]
+    labels: dict[str, str]
+
+
+@dataclass
+class FakeKube:
+    secrets: dict[str, str] = field(default_factory=lambda: {"shop-db": DSN})
+    configmaps: dict[str, FakeConfigMap] = field(default_factory=dict)
+    writes: list[tuple[str, str]] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+
+    async def read_secret_value(self, namespace: str, name: str, key: str) -> str:
+        if name not in self.secrets:
+            raise NotFoundError(f"Secret {namespace}/{name} not found")
+        return self.secrets[name]
+
+    async def read_configmap(self, namespace: str, name: str) -> FakeConfigMap | None:
+        return self.configmaps.get(name)
+
+    async def apply_configmap(
+        self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str],
+        annotations: dict[str, str],
+    ) -> None:  # fmt: skip
+        self.writes.append(("configmap", name))
+        self.configmaps[name] = FakeConfigMap(dict(data), dict(labels))
+
+    async def annotate_pod_template(
+        self, namespace: str, deployment: str, annotations: dict[str, str]
+    ) -> None:
+        self.writes.append(("restart", deployment))
+
+    async def patch_budget_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.writes.append(("status", name))
+        self.statuses.append(status)
+
+    async def post_event(self, budget: Any, type_: str, reason: str, message: str) -> None:
+        self.writes.append(("event", reason))
+        self.events.append((type_, reason, message))
+
+
+@dataclass
+class FakeProber:
+    dsn: str
+    result: DatabaseFacts | Exception = field(
+        default_factory=lambda: DatabaseFacts(max_connections=200, server_version="16.2")
+    )
+    probes: int = 0
+    closed: bool = False
+
+    async def probe(self) -> DatabaseFacts:
+        self.probes += 1
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class World:
+    kube: FakeKube = field(default_factory=FakeKube)
+    probers: list[FakeProber] = field(default_factory=list)
+    time: float = 1000.0
+    status: dict[str, Any] = field(default_factory=dict)
+    memory: BudgetMemory = field(default_factory=BudgetMemory)
+    spec: dict[str, Any] = field(default_factory=lambda: {
+        "database": {"connectionSecretRef": {"name": "shop-db", "key": "dsn"}, "refreshSeconds": 60},
+        "targets": [{"deploymentName": "api", "processesPerPod": 4}],
+        "rollout": {"minIntervalSeconds": 0},
+    })  # fmt: skip
+    deployments: dict[tuple[str, str], DeploymentState] = field(default_factory=lambda: {
+        ("shop", "api"): DeploymentState(name="api", replicas=2, max_surge=None, recreate=False,
+                                         template_hash=None, rolling=False, unobserved=False, stalled=False),
+    })  # fmt: skip
+
+    def prober(self, dsn: str) -> FakeProber:
+        prober = FakeProber(dsn)
+        if self.probers and isinstance(self.probers[-1].result, Exception):
+            prober.result = self.probers[-1].result
+        self.probers.append(prober)
+        return prober
+
+    async def reconcile(self) -> None:
+        reconciler = Reconciler(
+            kube=self.kube,
+            prober_factory=self.prober,
+            clock=lambda: NOW,
+            monotonic=lambda: self.time,
+        )
+        budget = BudgetObject(namespace="shop", name="shop", uid="u1", generation=1, created="2026-01-01T00:00:00Z",
+                              spec=self.spec, status=self.status)  # fmt: skip
+        observed = Observed(deployments=self.deployments, hpa_max_replicas={}, claims={})
+        outcome = await reconciler.reconcile(budget, observed, self.memory)
+        self.status = outcome.status
+        # What the cluster would now show: the template carries the hash we patched.
+        for kind, name in self.kube.writes:
+            if kind == "restart":
+                state = self.deployments[("shop", name)]
+                entry = next(a for a in self.status["allocations"] if a["deploymentName"] == name)
+                self.deployments[("shop", name)] = state.model_copy(
+                    update={"template_hash": entry["configHash"]}
+                )
+
+    def condition(self, kind: str) -> dict[str, Any]:
+        return next(c for c in self.status["conditions"] if c["type"] == kind)
+
+
+async def test_first_reconcile_writes_restarts_and_then_nothing() -> None:
+    world = World()
+    await world.reconcile()
+    assert ("configmap", "api-db-pool") in world.kube.writes
+    assert ("restart", "api") in world.kube.writes
+    await world.reconcile()  # sees the restarted template: status Rolling -> Applied
+    world.kube.writes.clear()
+    await world.reconcile()
+    await world.reconcile()
+    assert world.kube.writes == []  # a no-op reconcile writes nothing at all
+    assert world.condition("Ready")["status"] == "True"
+
+
+async def test_one_prober_per_dsn_reused_until_the_dsn_changes() -> None:
+    world = World()
+    await world.reconcile()
+    world.time += 61  # past refreshSeconds: re-read the limits
+    await world.reconcile()
+    assert len(world.probers) == 1
+    assert world.probers[0].probes == 2
+    world.kube.secrets["shop-db"] = DSN.replace("db:5432", "db2:5432")
+    await world.reconcile()
+    assert len(world.probers) == 2
+    assert world.probers[0].closed
+
+
+async def test_limits_are_cached_for_refresh_seconds() -> None:
+    world = World()
+    await world.reconcile()
+    await world.reconcile()
+    assert world.probers[0].probes == 1
+
+
+async def test_database_failure_keeps_configmaps_and_warns_once() -> None:
+    world = World()
+    await world.reconcile()
+    good = dict(world.kube.configmaps["api-db-pool"].data)
+    world.kube.writes.clear()
+    world.memory.prober = None
+    world.memory.database = None
+    world.probers.append(
+        FakeProber(DSN, result=DatabaseAuthError("authentication failed for monitor@db:5432/shop"))
+    )
+    for _ in range(3):
+        await world.reconcile()
+    assert [w for w in world.kube.writes if w[0] in ("configmap", "restart")] == []
+    assert world.kube.configmaps["api-db-pool"].data == good
+    assert world.condition("DatabaseObserved")["reason"] == "AuthenticationFailed"
+    assert world.condition("Ready")["status"] == "False"
+    assert [e[1] for e in world.kube.events if e[0] == "Warning"] == ["AuthenticationFailed"]
+
+
+async def test_a_dsn_in_an_unexpected_error_never_leaks() -> None:
+    world = World()
+    world.probers.append(FakeProber(DSN, result=RuntimeError(f"boom while using {DSN}")))
+    await world.reconcile()
+    assert world.condition("DatabaseObserved")["reason"] == "DatabaseError"
+    assert "hunter2" not in repr(world.status)
+    assert "hunter2" not in repr(world.kube.events)
+
+
+async def test_missing_secret_is_reported() -> None:
+    world = World()
+    world.kube.secrets.clear()
+    await world.reconcile()
+    assert world.condition("DatabaseObserved")["reason"] == "SecretNotFound"
+    assert world.kube.configmaps == {}
+
+
+async def test_infeasible_budget_writes_only_status_and_one_event() -> None:
+    world = World()
+    await world.reconcile()
+    good = dict(world.kube.configmaps["api-db-pool"].data)
+    world.kube.writes.clear()
+    world.deployments[("shop", "api")] = world.deployments[("shop", "api")].model_copy(
+        update={"replicas": 100}
+    )
+    await world.reconcile()
+    await world.reconcile()
+    assert world.kube.configmaps["api-db-pool"].data == good
+    assert [w[0] for w in world.kube.writes] == ["event", "status"]
+    assert world.condition("BudgetFeasible")["reason"] == "BudgetInfeasible"
+    assert "short by" in world.condition("BudgetFeasible")["message"]
+
+
+async def test_a_configmap_someone_else_owns_is_never_overwritten() -> None:
+    world = World()
+    world.kube.configmaps["api-db-pool"] = FakeConfigMap({"mine": "yes"}, {"team": "payments"})
+    await world.reconcile()
+    assert world.kube.configmaps["api-db-pool"].data == {"mine": "yes"}
+    assert ("restart", "api") not in world.kube.writes
+    assert world.condition("Ready")["reason"] == "TargetConflict"
+    assert world.status["allocations"][0]["state"] == "Conflict"
+
+
+@pytest.mark.parametrize("strategy", ["None"])
+async def test_rollout_strategy_none_writes_configmaps_only(strategy: str) -> None:
+    world = World()
+    world.spec["rollout"] = {"strategy": strategy}
+    await world.reconcile()
+    await world.reconcile()
+    assert ("configmap", "api-db-pool") in world.kube.writes
+    assert not [w for w in world.kube.writes if w[0] == "restart"]
+    assert world.condition("RolloutComplete")["reason"] == "RestartsDisabled"
