@@ -15,7 +15,7 @@ export POOLBUDGET_CACHE ?= $(HOME)/.cache/poolbudget
 export GOTOOLCHAIN := local
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv postgres binaries crds lint typecheck archcheck unit test test-fast cluster-up cluster-down clean
+.PHONY: help venv postgres binaries crds lint typecheck archcheck unit test test-fast cluster-up cluster-down demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ cluster-up: venv binaries ## start a local control plane and print its kubeconfi
 
 cluster-down: venv ## stop the local control plane started by cluster-up
 	$(PY) -m devtools.localcluster down
+
+demo: venv postgres binaries ## the worked example end to end (DEMO_ARGS=--keep leaves it running)
+	$(PY) -m devtools.demo $(DEMO_ARGS)
 
 clean: ## remove the virtualenv and tool caches inside the repo (not the Go build cache)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .import_linter_cache

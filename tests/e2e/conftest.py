@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from devtools.localcluster import LocalCluster
+from devtools.operator_process import OperatorProcess
 from devtools.podready import PodReadier
-from tests.e2e.support import Cluster, OperatorProcess
+from tests.e2e.support import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,9 @@ from collections.abc import Iterator
 import pytest
 
 from devtools.localcluster import LocalClusterError
+from devtools.operator_process import OperatorProcess, wait_for
 from devtools.pgserver import PostgresServer
-from tests.e2e.support import Cluster, OperatorProcess, budget, deployment, wait_for
+from tests.e2e.support import Cluster, budget, deployment
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.postgres]
 

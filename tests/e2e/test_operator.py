@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.support import Cluster, OperatorProcess, budget, deployment, wait_for
+from devtools.operator_process import OperatorProcess, wait_for
+from tests.e2e.support import Cluster, budget, deployment
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
