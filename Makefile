@@ -15,7 +15,7 @@ export POOLBUDGET_CACHE ?= $(HOME)/.cache/poolbudget
 export GOTOOLCHAIN := local
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv postgres binaries crds lint typecheck archcheck unit test test-fast cluster-up cluster-down demo clean
+.PHONY: help venv postgres binaries crds manifests lint typecheck archcheck unit test test-fast cluster-up cluster-down demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -34,8 +34,12 @@ postgres: ## make sure a PostgreSQL 15 server (Debian) is installed for the test
 binaries: ## build (or reuse from cache) etcd, kube-apiserver, kube-controller-manager, helm
 	bash hack/build-binaries.sh
 
-crds: venv ## regenerate crds/ from the pydantic models (a unit test checks it is current)
+crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models; tests check both
 	$(PY) -m poolbudget.api.crd > crds/poolbudget.dev_poolbudgets.yaml
+	cp crds/poolbudget.dev_poolbudgets.yaml charts/poolbudget-operator/crds/
+
+manifests: binaries ## regenerate manifests/install.yaml from the chart (a test checks it is current)
+	bash hack/render-install-manifest.sh > manifests/install.yaml
 
 lint: venv ## ruff
 	$(VENV)/bin/ruff check operator devtools tests

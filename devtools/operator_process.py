@@ -54,7 +54,7 @@ class OperatorProcess:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def start(self) -> None:
+    def start(self, *, wait_healthy: bool = True) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self._process = subprocess.Popen(
@@ -67,7 +67,8 @@ class OperatorProcess:
                 ],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        wait_for(self._healthy, timeout=60, what="the operator's health endpoint")
+        if wait_healthy:
+            wait_for(self._healthy, timeout=60, what="the operator's health endpoint")
 
     def _healthy(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
@@ -79,6 +80,15 @@ class OperatorProcess:
                 return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     def stop(self) -> None:
         if self._process is None:

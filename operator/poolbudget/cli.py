@@ -140,12 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--health-port", type=_non_negative, default=8081, help="0 disables")
     run.add_argument("--bind-address", default="0.0.0.0", help="address for metrics and health")  # noqa: S104 - in a pod
     run.add_argument(
+        "--leader-election-namespace",
+        default=None,
+        metavar="NAMESPACE",
+        help="run only while holding the Lease poolbudget-operator in this namespace "
+        "(needed with more than one replica); default: no election",
+    )
+    run.add_argument(
         "--peering",
         default=None,
         metavar="NAME",
-        help="coordinate replicas through this KopfPeering; default: standalone (one replica)",
+        help="Kopf peering instead of a Lease (replicas need distinct --priority values)",
     )
-    run.add_argument("--priority", type=_non_negative, default=0, help="peering priority")
+    run.add_argument("--priority", type=_non_negative, default=0, help="Kopf peering priority")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -264,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_operator(
             namespaces=args.namespace,
+            leader_election_namespace=args.leader_election_namespace,
             metrics_port=args.metrics_port,
             health_port=args.health_port,
             bind_address=args.bind_address,

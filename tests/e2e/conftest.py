@@ -22,15 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def crd_installed(local_cluster: LocalCluster) -> LocalCluster:
-    local_cluster.kubectl("apply", "-f", str(REPO / "crds"))
-    local_cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/poolbudgets.poolbudget.dev"
-    )
-    return local_cluster
-
-
-@pytest.fixture(scope="session")
 def operator_process(
     crd_installed: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:

@@ -16,6 +16,11 @@ def test_committed_crd_is_up_to_date() -> None:
     assert CRD_FILE.read_text() == render(), "run `make crds` and commit crds/"
 
 
+def test_the_charts_copy_is_byte_identical() -> None:
+    chart_copy = CRD_FILE.parents[1] / "charts" / "poolbudget-operator" / "crds" / CRD_FILE.name
+    assert chart_copy.read_bytes() == CRD_FILE.read_bytes(), "run `make crds`"
+
+
 def _walk(schema: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]:
     found = [(path, schema)]
     for name, child in (schema.get("properties") or {}).items():
