@@ -1,0 +1,421 @@
+"""`make bench`: figures, not pass/fail. Printed as a table and written as JSON.
+
+1. Reaction latency (p50/p95/p99 over --changes changes): Deployment scaled -> its
+   ConfigMap updated and pod-template hash patched; PoolBudget edited -> the same.
+2. The floor, measured in the same run on the same API server: a minimal client that
+   watches Deployments and patches one pod-template annotation per replicas change.
+3. Writes and new database connections per no-op reconcile (expected 0).
+4. Scale: N PoolBudgets over M Deployments (replicas 0, so no pods are needed): operator
+   peak RSS, CPU seconds, time to converge from a cold start and after a restart.
+
+    python -m devtools.bench [--changes 50] [--budgets 100] [--deployments 1000] [--json PATH]
+
+Stakater Reloader is not measured: building it needs its repository, which the Go module
+proxy does not serve as a buildable command here (see the closing note of issue 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightkube import Client, KubeConfig
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.types import PatchType
+
+from devtools.localcluster import LocalCluster, find_binaries
+from devtools.operator_process import OperatorProcess, wait_for
+from devtools.pgserver import PostgresServer
+from devtools.podready import PodReadier
+
+REPO = Path(__file__).resolve().parents[1]
+HASH = "poolbudget.dev/config-hash"
+FLOOR_ANNOTATION = "bench.poolbudget.dev/seen-replicas"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50_ms": round(percentile(values, 50) * 1000, 1),
+        "p95_ms": round(percentile(values, 95) * 1000, 1),
+        "p99_ms": round(percentile(values, 99) * 1000, 1),
+        "mean_ms": round(statistics.fmean(values) * 1000, 1),
+    }
+
+
+class AnnotationWatch:
+    """Records when a Deployment's pod-template annotation takes a new value."""
+
+    def __init__(self, client: Client, namespace: str, name: str, key: str) -> None:
+        self.client, self.namespace, self.name, self.key = client, namespace, name, key
+
+    def current(self) -> str | None:
+        deployment = self.client.get(Deployment, self.name, namespace=self.namespace)
+        template = deployment.spec.template if deployment.spec else None
+        annotations = (
+            template.metadata.annotations if template and template.metadata else None
+        ) or {}
+        return annotations.get(self.key)
+
+    def wait_change(self, before: str | None, timeout: float = 30) -> float:
+        """Seconds until the annotation differs from `before` (polled every 5 ms)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.current() != before:
+                return time.monotonic()
+            time.sleep(0.005)
+        raise TimeoutError(f"{self.name}: {self.key} did not change in {timeout}s")
+
+
+def rollout_done(client: Client, namespace: str, name: str) -> bool:
+    deployment = client.get(Deployment, name, namespace=namespace)
+    status, spec, meta = deployment.status, deployment.spec, deployment.metadata
+    if status is None or spec is None or meta is None:
+        return False
+    return bool(
+        (status.observedGeneration or 0) >= (meta.generation or 0)
+        and (status.updatedReplicas or 0) == (spec.replicas or 0)
+        and (status.replicas or 0) == (status.updatedReplicas or 0)
+        and (status.readyReplicas or 0) == (spec.replicas or 0)
+    )
+
+
+def scale(client: Client, namespace: str, name: str, replicas: int) -> None:
+    client.patch(Deployment, name, {"spec": {"replicas": replicas}}, namespace=namespace,
+                 patch_type=PatchType.MERGE)  # fmt: skip
+
+
+def deployment_manifest(name: str, replicas: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas, "selector": {"matchLabels": {"app": name}},
+            "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {"metadata": {"labels": {"app": name}},
+                         "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}},
+        },
+    }  # fmt: skip
+
+
+def budget_manifest(name: str, targets: list[str], **database: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "poolbudget.dev/v1alpha1", "kind": "PoolBudget", "metadata": {"name": name},
+        "spec": {
+            "database": database or {"maxConnectionsOverride": 500},
+            "reservedConnections": 10,
+            "targets": [{"deploymentName": t, "processesPerPod": 2} for t in targets],
+            "rollout": {"maxConcurrent": 100, "minIntervalSeconds": 0},
+        },
+    }  # fmt: skip
+
+
+def apply(cluster: LocalCluster, namespace: str, documents: list[dict[str, Any]]) -> None:
+    text = "---\n".join(yaml.safe_dump(d) for d in documents)
+    cluster.kubectl("-n", namespace, "apply", "--server-side", "-f", "-", input=text, timeout=900)
+
+
+def measure_reaction(cluster: LocalCluster, client: Client, changes: int) -> dict[str, Any]:
+    namespace = "bench-latency"
+    cluster.kubectl("create", "namespace", namespace)
+    results: dict[str, Any] = {}
+    with PodReadier(str(cluster.kubeconfig), [namespace]):
+        apply(cluster, namespace, [deployment_manifest("api", 2), budget_manifest("shop", ["api"])])
+        watch = AnnotationWatch(client, namespace, "api", HASH)
+        wait_for(lambda: watch.current() is not None and rollout_done(client, namespace, "api"),
+                 timeout=60, what="the first rollout")  # fmt: skip
+
+        scaled: list[float] = []
+        for i in range(changes):
+            before = watch.current()
+            started = time.monotonic()
+            scale(client, namespace, "api", 6 if i % 2 == 0 else 2)
+            scaled.append(watch.wait_change(before) - started)
+            wait_for(lambda: rollout_done(client, namespace, "api"), timeout=60, what="rollout")
+        results["deployment_scaled"] = summary(scaled)
+
+        edited: list[float] = []
+        for i in range(changes):
+            before = watch.current()
+            started = time.monotonic()
+            patch = {"spec": {"reservedConnections": 40 if i % 2 == 0 else 10}}
+            cluster.kubectl(
+                "-n", namespace, "patch", "pbud", "shop", "--type=merge", "-p", json.dumps(patch)
+            )
+            edited.append(watch.wait_change(before) - started)
+            wait_for(lambda: rollout_done(client, namespace, "api"), timeout=60, what="rollout")
+        results["poolbudget_edited"] = summary(edited)
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    return results
+
+
+def floor_agent(kubeconfig: str, namespace: str) -> None:
+    """The minimal client: watch Deployments, patch one annotation per replicas change."""
+    client = Client(config=KubeConfig.from_file(kubeconfig))
+    seen: dict[str, int] = {}
+    for _, deployment in client.watch(Deployment, namespace=namespace):
+        name = str(deployment.metadata.name) if deployment.metadata else ""
+        replicas = deployment.spec.replicas if deployment.spec else None
+        if replicas is None or seen.get(name) == replicas:
+            continue
+        seen[name] = replicas
+        patch = {
+            "spec": {"template": {"metadata": {"annotations": {FLOOR_ANNOTATION: str(replicas)}}}}
+        }
+        client.patch(Deployment, name, patch, namespace=namespace, patch_type=PatchType.MERGE)
+
+
+def measure_floor(cluster: LocalCluster, client: Client, changes: int) -> dict[str, Any]:
+    namespace = "bench-floor"
+    cluster.kubectl("create", "namespace", namespace)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "devtools.bench",
+            "--floor-agent",
+            str(cluster.kubeconfig),
+            namespace,
+        ],
+        cwd=REPO,
+    )
+    try:
+        with PodReadier(str(cluster.kubeconfig), [namespace]):
+            apply(cluster, namespace, [deployment_manifest("api", 2)])
+            watch = AnnotationWatch(client, namespace, "api", FLOOR_ANNOTATION)
+            wait_for(lambda: watch.current() == "2" and rollout_done(client, namespace, "api"),
+                     timeout=60, what="the floor agent's first patch")  # fmt: skip
+            latencies: list[float] = []
+            for i in range(changes):
+                before = watch.current()
+                started = time.monotonic()
+                scale(client, namespace, "api", 6 if i % 2 == 0 else 2)
+                latencies.append(watch.wait_change(before) - started)
+                wait_for(lambda: rollout_done(client, namespace, "api"), timeout=60, what="rollout")
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    return {"deployment_scaled": summary(latencies)}
+
+
+def measure_noop(cluster: LocalCluster, operator: OperatorProcess, rounds: int) -> dict[str, Any]:
+    namespace = "bench-noop"
+    cluster.kubectl("create", "namespace", namespace)
+    with PostgresServer(major=16, settings={"max_connections": "100"}) as database, \
+            PodReadier(str(cluster.kubeconfig), [namespace]):  # fmt: skip
+        dsn = database.create_role("monitor", "bench-pw", database="shop")
+        secret = cluster.kubectl("-n", namespace, "create", "secret", "generic", "db",
+                                 f"--from-literal=dsn={dsn}", "--dry-run=client", "-o", "yaml").stdout  # fmt: skip
+        cluster.kubectl("-n", namespace, "apply", "-f", "-", input=secret)
+        apply(cluster, namespace, [deployment_manifest("api", 1),
+                                   budget_manifest("shop", ["api"], connectionSecretRef={"name": "db"}, refreshSeconds=3600)])  # fmt: skip
+
+        def ready() -> bool:
+            status = (
+                json.loads(
+                    cluster.kubectl("-n", namespace, "get", "pbud", "shop", "-o", "json").stdout
+                ).get("status")
+                or {}
+            )
+            return any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in status.get("conditions") or []
+            )
+
+        wait_for(ready, timeout=60, what="the budget Ready")
+        time.sleep(2)  # let the last status writes land before counting
+
+        def reconciles() -> float:
+            return sum(v for k, v in operator.metrics().items()
+                       if k.startswith("poolbudget_reconciles_total") and f'namespace="{namespace}"' in k)  # fmt: skip
+
+        def backend_connections() -> int:
+            count = database.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'poolbudget-operator'"
+            )
+            return int(count)
+
+        def reconciled_at_least(count: float) -> bool:
+            return reconciles() >= count
+
+        writes_before, reconciles_before = operator.api_writes(), reconciles()
+        pids_before = database.sql(
+            "SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE application_name = 'poolbudget-operator'"
+        )
+        for i in range(rounds):
+            # Annotating a Deployment bumps its generation: a real event, nothing to change.
+            cluster.kubectl(
+                "-n", namespace, "annotate", "--overwrite", "deployment", "api", f"bench/noop={i}"
+            )
+            wait_for(functools.partial(reconciled_at_least, reconciles_before + i + 1),
+                     timeout=30, what="a reconcile")  # fmt: skip
+        pids_after = database.sql(
+            "SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE application_name = 'poolbudget-operator'"
+        )
+        result = {
+            "reconciles": reconciles() - reconciles_before,
+            "api_writes": operator.api_writes() - writes_before,
+            "api_writes_per_reconcile": (operator.api_writes() - writes_before)
+            / max(1.0, reconciles() - reconciles_before),
+            "operator_db_connections_open": backend_connections(),
+            # A new connection means a new backend pid; the probe keeps its one open.
+            "new_db_connections": len(
+                set((pids_after or "").split(",")) - set((pids_before or "").split(","))
+            ),
+        }
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    return result
+
+
+def process_figures(pid: int) -> tuple[float, float]:
+    """(peak RSS MiB, CPU seconds) of a live process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak_kib = next(
+        int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")
+    )
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    return peak_kib / 1024, ticks / 100
+
+
+def measure_scale(
+    cluster: LocalCluster, state: Path, budgets: int, deployments: int
+) -> dict[str, Any]:
+    namespaces = [f"bench-scale-{i}" for i in range(max(1, budgets // 50))]
+    per_budget = max(1, deployments // budgets)
+    for namespace in namespaces:
+        cluster.kubectl("create", "namespace", namespace)
+    started = time.monotonic()
+    for b in range(budgets):
+        namespace = namespaces[b % len(namespaces)]
+        names = [f"d{b}-{t}" for t in range(per_budget)]
+        apply(
+            cluster,
+            namespace,
+            [*(deployment_manifest(n, 0) for n in names), budget_manifest(f"b{b}", names)],
+        )
+    created = time.monotonic() - started
+
+    operator = OperatorProcess(kubeconfig=cluster.kubeconfig, log_path=state / "operator-scale.log")
+
+    def converged() -> bool:
+        # Every budget reconciled and the last pass wrote nothing: the level is reached.
+        metrics = operator.metrics()
+        budgets_seen = {k.split('poolbudget="')[1].split('"')[0] + k.split('namespace="')[1].split('"')[0]
+                        for k in metrics if k.startswith("poolbudget_reconciles_total")}  # fmt: skip
+        return len(budgets_seen) >= budgets
+
+    def settle(label: str) -> dict[str, float]:
+        begun = time.monotonic()
+        operator.start()
+        wait_for(converged, timeout=1800, interval=1.0, what=f"{label}: every budget reconciled")
+        first_pass = time.monotonic() - begun
+        # Then until writes stop: the rollouts' status changes are worked through.
+        last, quiet_since = operator.api_writes(), time.monotonic()
+        while time.monotonic() - quiet_since < 5:
+            time.sleep(1)
+            now = operator.api_writes()
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+        settled = time.monotonic() - begun - 5
+        rss, cpu = process_figures(operator.pid)
+        return {"every_budget_reconciled_s": round(first_pass, 1), "writes_settled_s": round(settled, 1),
+                "peak_rss_mib": round(rss, 1), "cpu_s": round(cpu, 1), "api_writes": last}  # fmt: skip
+
+    cold = settle("cold start")
+    operator.stop()
+    restart = settle("after a restart")
+    operator.stop()
+    for namespace in namespaces:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    return {"budgets": budgets, "deployments": budgets * per_budget, "create_objects_s": round(created, 1),
+            "cold_start": cold, "after_restart": restart}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools.bench")
+    parser.add_argument("--changes", type=int, default=50)
+    parser.add_argument("--budgets", type=int, default=100)
+    parser.add_argument("--deployments", type=int, default=1000)
+    parser.add_argument("--noop-rounds", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    parser.add_argument(
+        "--floor-agent", nargs=2, metavar=("KUBECONFIG", "NAMESPACE"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.floor_agent:
+        floor_agent(*args.floor_agent)
+        return 0
+
+    state = Path(tempfile.mkdtemp(prefix="poolbudget-bench-"))
+    state.chmod(0o755)
+    results: dict[str, Any] = {"machine": {"cpus": len(os.sched_getaffinity(0))}}
+    with LocalCluster(state / "cluster", binaries=find_binaries(build=True)) as cluster:
+        cluster.kubectl("apply", "-f", str(REPO / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/poolbudgets.poolbudget.dev")
+        client = Client(config=KubeConfig.from_file(str(cluster.kubeconfig)))
+        operator = OperatorProcess(kubeconfig=cluster.kubeconfig, log_path=state / "operator.log")
+        operator.start()
+        try:
+            print("reaction latency ...", flush=True)
+            results["operator"] = measure_reaction(cluster, client, args.changes)
+            print("no-op reconciles ...", flush=True)
+            results["noop"] = measure_noop(cluster, operator, args.noop_rounds)
+        finally:
+            operator.stop()
+        print("floor (minimal watch-and-patch client) ...", flush=True)
+        results["floor"] = measure_floor(cluster, client, args.changes)
+        print(f"scale: {args.budgets} budgets over {args.deployments} deployments ...", flush=True)
+        results["scale"] = measure_scale(cluster, state, args.budgets, args.deployments)
+        client.close()
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print("\nreaction latency (change -> ConfigMap updated and pod-template hash patched)")
+    print(f"  {'':34} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    rows = [
+        ("operator: Deployment scaled", results["operator"]["deployment_scaled"]),
+        ("operator: PoolBudget edited", results["operator"]["poolbudget_edited"]),
+        ("floor: watch + patch annotation", results["floor"]["deployment_scaled"]),
+    ]
+    for label, s in rows:
+        print(f"  {label:34} {s['n']:>4} {s['p50_ms']:>8} {s['p95_ms']:>8} {s['p99_ms']:>8}")
+    ratio = results["operator"]["deployment_scaled"]["p50_ms"] / max(
+        0.1, results["floor"]["deployment_scaled"]["p50_ms"]
+    )
+    print(f"  operator p50 / floor p50 = {ratio:.1f}x")
+    noop = results["noop"]
+    print(f"\nno-op reconciles: {noop['reconciles']:.0f}, API writes {noop['api_writes']:.0f} "
+          f"({noop['api_writes_per_reconcile']:.2f} per reconcile), new DB connections {noop['new_db_connections']}, "
+          f"operator DB connections open {noop['operator_db_connections_open']}")  # fmt: skip
+    scale_ = results["scale"]
+    print(f"\nscale: {scale_['budgets']} PoolBudgets over {scale_['deployments']} Deployments")
+    for label in ("cold_start", "after_restart"):
+        s = scale_[label]
+        print(f"  {label:14} every budget reconciled {s['every_budget_reconciled_s']:>6} s, writes settled "
+              f"{s['writes_settled_s']:>6} s, peak RSS {s['peak_rss_mib']:>6} MiB, CPU {s['cpu_s']:>6} s, "
+              f"API writes {s['api_writes']:.0f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
