@@ -12,8 +12,12 @@ API server, the ReplicaSet and Deployment controllers stay the real ones.
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
 from lightkube import ApiError, Client, KubeConfig
 from lightkube.resources.core_v1 import Pod
@@ -29,59 +33,61 @@ def _ready_status() -> dict[str, object]:
     return {"status": {"phase": "Running", "conditions": conditions, "startTime": now}}
 
 
-def mark_ready(client: Client, namespace: str, stop: threading.Event) -> None:
-    """Poll pods of one namespace and mark each Pending one Ready, until `stop` is set.
+def mark_ready(client: Client, namespaces: list[str], stop: threading.Event) -> None:
+    """Poll pods of the namespaces and mark each Pending one Ready, until `stop` is set.
 
-    Polling (every 0.2 s) rather than watching keeps this trivially stoppable; a pod
-    waits at most that long for its "kubelet".
+    One thread only: lightkube's decoding is not safe to run from two threads of one
+    process at once (seen here as a segfault inside msgspec), which is also why
+    PodReadier runs this in a child process rather than a thread of the caller.
     """
     while not stop.wait(0.2):
-        try:
-            pods = list(client.list(Pod, namespace=namespace))
-        except ApiError:
-            continue  # namespace being deleted or API hiccup: try again next round
-        for pod in pods:
-            metadata = pod.metadata
-            if metadata is None or metadata.deletionTimestamp is not None:
-                continue
-            if pod.status is not None and pod.status.phase == "Running":
-                continue
+        for namespace in namespaces:
             try:
-                client.patch(
-                    Pod.Status,
-                    str(metadata.name),
-                    _ready_status(),
-                    namespace=namespace,
-                    patch_type=PatchType.MERGE,
-                )
-            except ApiError as exc:
-                if exc.status.code not in (404, 409, 422):
-                    raise
+                pods = list(client.list(Pod, namespace=namespace))
+            except ApiError:
+                continue  # namespace being deleted or API hiccup: try again next round
+            for pod in pods:
+                metadata = pod.metadata
+                if metadata is None or metadata.deletionTimestamp is not None:
+                    continue
+                if pod.status is not None and pod.status.phase == "Running":
+                    continue
+                try:
+                    client.patch(
+                        Pod.Status,
+                        str(metadata.name),
+                        _ready_status(),
+                        namespace=namespace,
+                        patch_type=PatchType.MERGE,
+                    )
+                except ApiError as exc:
+                    if exc.status.code not in (404, 409, 422):
+                        raise
 
 
 class PodReadier:
-    """Run `mark_ready` for some namespaces in daemon threads (context manager)."""
+    """Run the kubelet stand-in for some namespaces in a child process (context manager)."""
 
     def __init__(self, kubeconfig: str, namespaces: list[str]) -> None:
-        self._client = Client(config=KubeConfig.from_file(kubeconfig))
-        self._namespaces = namespaces
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._argv = [sys.executable, "-m", "devtools.podready", "--kubeconfig", kubeconfig]
+        for namespace in namespaces:
+            self._argv += ["-n", namespace]
+        self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> PodReadier:
-        for namespace in self._namespaces:
-            thread = threading.Thread(
-                target=mark_ready, args=(self._client, namespace, self._stop), daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+        repo = Path(__file__).resolve().parents[1]
+        self._process = subprocess.Popen(self._argv, cwd=repo)
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
-        self._client.close()
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=10)
+            self._process = None
 
 
 def main() -> None:
@@ -89,8 +95,13 @@ def main() -> None:
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("-n", "--namespace", action="append", required=True)
     args = parser.parse_args()
-    with PodReadier(args.kubeconfig, args.namespace):
-        threading.Event().wait()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    client = Client(config=KubeConfig.from_file(args.kubeconfig))
+    try:
+        mark_ready(client, args.namespace, stop)
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":

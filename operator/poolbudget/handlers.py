@@ -23,6 +23,7 @@ import kopf
 
 from poolbudget import metrics
 from poolbudget.adapters.kube import KubeGateway
+from poolbudget.adapters.leader import LeaderElector
 from poolbudget.adapters.postgres import DatabaseProbe
 from poolbudget.api.v1alpha1 import GROUP, PLURAL, VERSION
 from poolbudget.domain.observe import DeploymentState, deployment_state, hpa_target
@@ -78,6 +79,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.client_timeout = 330
     settings.posting.enabled = False  # we post the Events users should see ourselves
     kube = KubeGateway()
+    elector = memo.get("elector")
+    if isinstance(elector, LeaderElector):
+        # Renew the Lease on this loop: lightkube must not run in a second thread.
+        memo["lease_task"] = asyncio.create_task(elector.hold(), name="lease")
     memo["runtime"] = Runtime(
         kube=kube, reconciler=Reconciler(kube=kube, prober_factory=DatabaseProbe)
     )
@@ -85,6 +90,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    lease_task = memo.get("lease_task")
+    if isinstance(lease_task, asyncio.Task):
+        lease_task.cancel()
     runtime = _runtime(memo)
     for memory in runtime.memories.values():
         if memory.prober is not None:

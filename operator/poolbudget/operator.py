@@ -57,6 +57,7 @@ def run_operator(
             peering_name=peering,
             priority=priority,
             liveness_endpoint=liveness,
+            memo=kopf.Memo(elector=elector),
         )
     finally:
         if elector is not None:

@@ -1,9 +1,11 @@
 """Leader election over a coordination.k8s.io Lease, so replicas never both act.
 
-Before Kopf starts, a replica waits until it holds the Lease; a thread then renews it.
-If renewing fails for longer than the lease lasts (API unreachable, or another replica
-took over), the process exits at once: a follower that still acted would break the "one
-writer" promise, and the Deployment controller restarts it as a standby. On a clean
+Before Kopf starts, a replica waits until it holds the Lease (blocking, synchronous);
+once Kopf runs, a task on its event loop renews it with the async client, so lightkube is
+never used from two threads at once (its decoding is not thread-safe: seen here as a
+segfault inside msgspec). If renewing fails for longer than the lease lasts (API
+unreachable, or another replica took over), the process exits at once: a follower that
+still acted would break the "one writer" promise; the pod restarts as a standby. On a clean
 shutdown the Lease is released, so a standby takes over within one retry period.
 
 Kopf's own peering was the alternative; it needs extra CRDs and freezes every replica when
@@ -12,13 +14,13 @@ two share a priority, which a Deployment's identical pods always do.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import threading
 import time
 from datetime import UTC, datetime
 
-from lightkube import ApiError, Client
+from lightkube import ApiError, AsyncClient, Client
 from lightkube.models.coordination_v1 import LeaseSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
@@ -43,44 +45,33 @@ class LeaderElector:
         self.lease_seconds = lease_seconds
         self.retry_seconds = retry_seconds
         self._client = client or Client(field_manager="poolbudget-operator")
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
 
     def _now(self) -> datetime:
         return datetime.now(UTC)
 
-    def _try_acquire(self) -> bool:
-        """One attempt: take the Lease if it is free, expired or already ours."""
+    def _fresh(self) -> Lease:
         now = self._now()
-        try:
-            lease = self._client.get(Lease, self.name, namespace=self.namespace)
-        except ApiError as exc:
-            if exc.status.code != 404:
-                raise
-            fresh = Lease(
-                metadata=ObjectMeta(name=self.name, namespace=self.namespace),
-                spec=LeaseSpec(
-                    holderIdentity=self.identity,
-                    leaseDurationSeconds=self.lease_seconds,
-                    acquireTime=now,
-                    renewTime=now,
-                    leaseTransitions=0,
-                ),
-            )
-            try:
-                self._client.create(fresh)
-            except ApiError as create_error:
-                if create_error.status.code == 409:  # someone else created it first
-                    return False
-                raise
-            return True
+        return Lease(
+            metadata=ObjectMeta(name=self.name, namespace=self.namespace),
+            spec=LeaseSpec(
+                holderIdentity=self.identity,
+                leaseDurationSeconds=self.lease_seconds,
+                acquireTime=now,
+                renewTime=now,
+                leaseTransitions=0,
+            ),
+        )
+
+    def _claimed(self, lease: Lease) -> Lease | None:
+        """The Lease taken or renewed by us, or None if another holder's is still valid."""
+        now = self._now()
         spec = lease.spec or LeaseSpec()
         holder = spec.holderIdentity
         renewed = spec.renewTime
         duration = spec.leaseDurationSeconds or self.lease_seconds
         expired = renewed is None or (now - renewed).total_seconds() > duration
         if holder not in (None, "", self.identity) and not expired:
-            return False
+            return None
         if holder != self.identity:
             spec.leaseTransitions = (spec.leaseTransitions or 0) + 1
             spec.acquireTime = now
@@ -88,9 +79,47 @@ class LeaderElector:
         spec.leaseDurationSeconds = self.lease_seconds
         spec.renewTime = now
         lease.spec = spec
+        return lease
+
+    def _try_acquire(self) -> bool:
+        """One attempt: take the Lease if it is free, expired or already ours."""
+        try:
+            lease = self._client.get(Lease, self.name, namespace=self.namespace)
+        except ApiError as exc:
+            if exc.status.code != 404:
+                raise
+            try:
+                self._client.create(self._fresh())
+            except ApiError as create_error:
+                if create_error.status.code == 409:  # someone else created it first
+                    return False
+                raise
+            return True
+        claimed = self._claimed(lease)
+        if claimed is None:
+            return False
         try:
             # replace() sends metadata.resourceVersion: a concurrent writer gets a 409.
-            self._client.replace(lease)
+            self._client.replace(claimed)
+        except ApiError as exc:
+            if exc.status.code == 409:
+                return False
+            raise
+        return True
+
+    async def _try_renew(self, client: AsyncClient) -> bool:
+        try:
+            lease = await client.get(Lease, self.name, namespace=self.namespace)
+        except ApiError as exc:
+            if exc.status.code != 404:
+                raise
+            await client.create(self._fresh())
+            return True
+        claimed = self._claimed(lease)
+        if claimed is None:
+            return False
+        try:
+            await client.replace(claimed)
         except ApiError as exc:
             if exc.status.code == 409:
                 return False
@@ -103,27 +132,30 @@ class LeaderElector:
         while not self._try_acquire():
             time.sleep(self.retry_seconds)
         logger.info("leading as %s", self.identity)
-        self._renewer = threading.Thread(target=self._renew_forever, daemon=True)
-        self._renewer.start()
 
-    def _renew_forever(self) -> None:
+    async def hold(self) -> None:
+        """Renew the Lease forever on the running event loop; exit the process on loss."""
+        client = AsyncClient(field_manager="poolbudget-operator")
         last_renewal = time.monotonic()
-        while not self._stop.wait(self.lease_seconds / 3):
-            try:
-                if self._try_acquire():
-                    last_renewal = time.monotonic()
-                    continue
-                logger.error("another replica holds the Lease now; exiting to stop acting")
-            except Exception:  # an API hiccup: keep trying until the lease would expire
-                logger.exception("renewing the Lease failed")
-                if time.monotonic() - last_renewal < self.lease_seconds:
-                    continue
-                logger.error("could not renew the Lease for %ss; exiting", self.lease_seconds)
-            os._exit(1)  # no cleanup: a non-leader must stop acting immediately
+        try:
+            while True:
+                await asyncio.sleep(self.lease_seconds / 3)
+                try:
+                    if await self._try_renew(client):
+                        last_renewal = time.monotonic()
+                        continue
+                    logger.error("another replica holds the Lease now; exiting to stop acting")
+                except Exception:  # an API hiccup: keep trying until the lease would expire
+                    logger.exception("renewing the Lease failed")
+                    if time.monotonic() - last_renewal < self.lease_seconds:
+                        continue
+                    logger.error("could not renew the Lease for %ss; exiting", self.lease_seconds)
+                os._exit(1)  # no cleanup: a non-leader must stop acting immediately
+        finally:
+            await client.close()
 
     def release(self) -> None:
-        """Give the Lease up (clean shutdown) so a standby takes over quickly."""
-        self._stop.set()
+        """Give the Lease up (clean shutdown, after Kopf's loop ended) for a quick takeover."""
         try:
             lease = self._client.get(Lease, self.name, namespace=self.namespace)
             if lease.spec is not None and lease.spec.holderIdentity == self.identity:
