@@ -240,7 +240,14 @@ def measure_noop(cluster: LocalCluster, operator: OperatorProcess, rounds: int) 
             )
 
         wait_for(ready, timeout=60, what="the budget Ready")
-        time.sleep(2)  # let the last status writes land before counting
+
+        def writes_quiet(seconds: float = 3.0) -> bool:
+            before = operator.api_writes()
+            time.sleep(seconds)
+            return operator.api_writes() == before
+
+        # The first rollout's own status updates must be over before counting.
+        wait_for(writes_quiet, timeout=60, what="the operator's writes to settle")
 
         def reconciles() -> float:
             return sum(v for k, v in operator.metrics().items()
@@ -357,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noop-rounds", type=int, default=20)
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     parser.add_argument(
+        "--parts", default="latency,noop,floor,scale", help="comma-separated subset"
+    )
+    parser.add_argument(
         "--floor-agent", nargs=2, metavar=("KUBECONFIG", "NAMESPACE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
@@ -373,17 +383,24 @@ def main(argv: list[str] | None = None) -> int:
         client = Client(config=KubeConfig.from_file(str(cluster.kubeconfig)))
         operator = OperatorProcess(kubeconfig=cluster.kubeconfig, log_path=state / "operator.log")
         operator.start()
+        parts = set(args.parts.split(","))
         try:
-            print("reaction latency ...", flush=True)
-            results["operator"] = measure_reaction(cluster, client, args.changes)
-            print("no-op reconciles ...", flush=True)
-            results["noop"] = measure_noop(cluster, operator, args.noop_rounds)
+            if "latency" in parts:
+                print("reaction latency ...", flush=True)
+                results["operator"] = measure_reaction(cluster, client, args.changes)
+            if "noop" in parts:
+                print("no-op reconciles ...", flush=True)
+                results["noop"] = measure_noop(cluster, operator, args.noop_rounds)
         finally:
             operator.stop()
-        print("floor (minimal watch-and-patch client) ...", flush=True)
-        results["floor"] = measure_floor(cluster, client, args.changes)
-        print(f"scale: {args.budgets} budgets over {args.deployments} deployments ...", flush=True)
-        results["scale"] = measure_scale(cluster, state, args.budgets, args.deployments)
+        if "floor" in parts:
+            print("floor (minimal watch-and-patch client) ...", flush=True)
+            results["floor"] = measure_floor(cluster, client, args.changes)
+        if "scale" in parts:
+            print(
+                f"scale: {args.budgets} budgets over {args.deployments} deployments ...", flush=True
+            )
+            results["scale"] = measure_scale(cluster, state, args.budgets, args.deployments)
         client.close()
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
@@ -392,6 +409,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict[str, Any]) -> None:
+    if "operator" in results and "floor" in results:
+        print_latency(results)
+    if "noop" in results:
+        print_noop(results)
+    if "scale" in results:
+        print_scale(results)
+
+
+def print_latency(results: dict[str, Any]) -> None:
     print("\nreaction latency (change -> ConfigMap updated and pod-template hash patched)")
     print(f"  {'':34} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     rows = [
@@ -405,10 +431,16 @@ def print_table(results: dict[str, Any]) -> None:
         0.1, results["floor"]["deployment_scaled"]["p50_ms"]
     )
     print(f"  operator p50 / floor p50 = {ratio:.1f}x")
+
+
+def print_noop(results: dict[str, Any]) -> None:
     noop = results["noop"]
     print(f"\nno-op reconciles: {noop['reconciles']:.0f}, API writes {noop['api_writes']:.0f} "
           f"({noop['api_writes_per_reconcile']:.2f} per reconcile), new DB connections {noop['new_db_connections']}, "
           f"operator DB connections open {noop['operator_db_connections_open']}")  # fmt: skip
+
+
+def print_scale(results: dict[str, Any]) -> None:
     scale_ = results["scale"]
     print(f"\nscale: {scale_['budgets']} PoolBudgets over {scale_['deployments']} Deployments")
     for label in ("cold_start", "after_restart"):
