@@ -15,7 +15,7 @@ export POOLBUDGET_CACHE ?= $(HOME)/.cache/poolbudget
 export GOTOOLCHAIN := local
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv postgres binaries crds manifests lint typecheck archcheck unit test test-fast cluster-up cluster-down demo bench clean
+.PHONY: help venv postgres binaries crds manifests lint typecheck archcheck unit test test-fast cluster-up cluster-down demo fleet bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ cluster-down: venv ## stop the local control plane started by cluster-up
 
 demo: venv postgres binaries ## the worked example end to end (DEMO_ARGS=--keep leaves it running)
 	$(PY) -m devtools.demo $(DEMO_ARGS)
+
+fleet: venv postgres ## the fleet proof: one process per worker bursts 3x its pool; budgeted vs naive 50+20 (FLEET_ARGS=--scale small)
+	$(PY) -m devtools.fleet $(FLEET_ARGS)
 
 bench: venv postgres binaries ## figures: reaction latency vs a minimal client, no-op cost, scale (BENCH_ARGS=...)
 	$(PY) -m devtools.bench $(BENCH_ARGS)
