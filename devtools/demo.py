@@ -177,7 +177,9 @@ def run(keep: bool) -> None:
     cluster.start()
     detail(f"started in {cluster.startup_seconds:.1f} s; KUBECONFIG={cluster.kubeconfig}")
     demo = Demo(cluster)
-    operator = OperatorProcess(kubeconfig=cluster.kubeconfig, log_path=state / "operator.log")
+    operator = OperatorProcess(
+        kubeconfig=cluster.kubeconfig, log_path=state / "operator.log", die_with_parent=not keep
+    )
     readier = PodReadier(str(cluster.kubeconfig), [NAMESPACE])
     try:
         cluster.kubectl("apply", "-f", str(REPO / "crds"))

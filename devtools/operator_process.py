@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from devtools.localcluster import free_port
+from devtools.localcluster import _die_with_parent, free_port
 
 T = TypeVar("T")
 
@@ -48,6 +48,9 @@ class OperatorProcess:
     metrics_port: int = field(default_factory=free_port)
     health_port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
+    # Killed if the process that started it dies (a crashed test or bench leaves no orphan);
+    # `make demo DEMO_ARGS=--keep` turns this off.
+    die_with_parent: bool = True
     _process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +69,7 @@ class OperatorProcess:
                     *self.extra_args,
                 ],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )  # fmt: skip
         if wait_healthy:
             wait_for(self._healthy, timeout=60, what="the operator's health endpoint")
