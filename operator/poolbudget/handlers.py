@@ -220,11 +220,7 @@ async def budget_daemon(
     try:
         while not stopped:
             wake.clear()
-            observed = Observed(
-                deployments=_latest(deployment_index),
-                hpa_max_replicas={k: max(v) for k, v in hpa_index.items()},
-                claims={k: list(v) for k, v in claim_index.items()},
-            )
+            observed = _observe(body, key[0], deployment_index, hpa_index, claim_index)
             budget = BudgetObject(
                 namespace=key[0],
                 name=name,
@@ -249,8 +245,24 @@ async def budget_daemon(
         metrics.forget_budget(key[0], name)
 
 
-def _latest(index: kopf.Index[Key, DeploymentState]) -> dict[Key, DeploymentState]:
-    return {k: v for k, values in index.items() for v in values}
+def _observe(
+    body: kopf.Body,
+    namespace: str,
+    deployment_index: kopf.Index[Key, DeploymentState],
+    hpa_index: kopf.Index[Key, int],
+    claim_index: ClaimIndex,
+) -> Observed:
+    """The index entries of this budget's own targets only: O(targets), not O(cluster)."""
+    keys = [
+        (namespace, str(t.get("deploymentName")))
+        for t in body.spec.get("targets") or []
+        if isinstance(t, Mapping)
+    ]
+    return Observed(
+        deployments={k: v for k in keys for v in deployment_index.get(k, [])},
+        hpa_max_replicas={k: max(hpa_index[k]) for k in keys if k in hpa_index},
+        claims={k: list(claim_index.get(k, [])) for k in keys},
+    )
 
 
 async def _sleep_until_woken(wake: asyncio.Event, delay: float | None) -> None:
