@@ -110,6 +110,13 @@ class DatabaseSpec(CamelModel):
         description="How often the database's limits are re-read, in seconds.",
     )
 
+    @model_validator(mode="after")
+    def _has_a_source(self) -> DatabaseSpec:
+        # The CRD says the same in CEL; this keeps `poolbudget plan` and reconcile honest.
+        if self.connection_secret_ref is None and self.max_connections_override is None:
+            raise ValueError("set connectionSecretRef or maxConnectionsOverride")
+        return self
+
 
 class PoolDefaults(CamelModel):
     """SQLAlchemy/asyncpg settings written into every target's ConfigMap."""
