@@ -1,18 +1,28 @@
 """Real PostgreSQL servers for tests and the demo, with the settings a test chooses.
 
     with PostgresServer(major=16, settings={"max_connections": "37"}) as server:
-        dsn = server.create_role("monitor", "secret")     # unprivileged login role
+        dsn = server.create_role("monitor", "secret", database="shop")  # unprivileged role
         ...
         server.restart({"max_connections": "50"})
 
 PostgreSQL 15 comes from Debian (/usr/lib/postgresql/15/bin, `hack/install-postgres.sh`);
-PostgreSQL 16 from the `pgserver` wheel, which ships server binaries. Servers listen on
-127.0.0.1 only, on a free port, with scram-sha-256 password authentication for TCP (so a
-wrong password really fails) and trust on a private Unix socket for the admin.
-PostgreSQL refuses to run as root; under root the server runs as the `postgres` OS user.
+PostgreSQL 16 from the `pgserver` wheel, which ships server binaries (16.2 in 0.1.4). A
+server listens on 127.0.0.1 only, on a free port, with scram-sha-256 password
+authentication for TCP (so a wrong password really fails) and trust on a private Unix
+socket for the admin's `sql()`.
+
+PostgreSQL refuses to run as root, so under root the server runs as the `postgres` OS
+user. Its files (data, socket, log) live in a private directory under the system temp dir,
+because that user cannot reach a root-owned home such as /root/.cache. `stop()` always
+removes that directory and leaves no process behind. A server started without a
+`state_dir` also dies with the process that started it (a watchdog notices the parent is
+gone), so a killed pytest run leaves no server behind; one recorded in a `state_dir` (the
+CLI's `up`, the demo's --keep) may outlive it until `down`.
 
     python -m devtools.pgserver up [--major 16] [--dir DIR] [-c max_connections=100]
     python -m devtools.pgserver down [--dir DIR]
+
+DIR defaults to ${POOLBUDGET_CACHE:-~/.cache/poolbudget}/postgres and holds server.json.
 """
 
 from __future__ import annotations
@@ -24,31 +34,63 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
-DEBIAN_BIN = Path("/usr/lib/postgresql/{major}/bin")
+DEBIAN_BIN = "/usr/lib/postgresql/{major}/bin"
 SERVICE_USER = "postgres"
 ADMIN = "postgres"
+RECORD = "server.json"
+COMMAND_TIMEOUT_SECONDS = 120
+STOP_TIMEOUT_SECONDS = 30.0
+
+# The watchdog blocks on a pipe whose only write end this process holds: when this process
+# ends, however it ends, the read returns EOF and the watchdog shuts the server down
+# (SIGQUIT is PostgreSQL's immediate shutdown; the postmaster takes its children along)
+# and removes its files. After a normal stop() it finds nothing left to do.
+_WATCHDOG = """# devtools.pgserver watchdog
+import os, shutil, signal, sys, time
+fd, home = int(sys.argv[1]), sys.argv[2]
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while os.read(fd, 64):
+    pass
+try:
+    with open(os.path.join(home, "data", "postmaster.pid")) as f:
+        pid = int(f.readline())
+    os.kill(pid, signal.SIGQUIT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        os.kill(pid, 0)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+except (OSError, ValueError):
+    pass
+shutil.rmtree(home, ignore_errors=True)
+"""
 
 
 class PostgresError(RuntimeError):
-    pass
+    """A PostgreSQL tool failed; the message carries its output."""
 
 
 def bin_dir(major: int) -> Path:
     """Where the server binaries of a major version are."""
-    debian = Path(str(DEBIAN_BIN).format(major=major))
+    debian = Path(DEBIAN_BIN.format(major=major))
     if (debian / "postgres").exists():
         return debian
     # The wheel ships one version (16.x). Found without importing it: its __init__ pulls
     # in platformdirs, which warns when XDG_RUNTIME_DIR is unset.
     spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
-        raise PostgresError(f"no PostgreSQL {major}: install the pgserver wheel")
+        raise PostgresError(
+            f"no PostgreSQL {major}: run `make postgres` (15) or install the pgserver wheel (16)"
+        )
     wheel = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     version = subprocess.run(
         [str(wheel / "postgres"), "--version"], capture_output=True, text=True, check=True
@@ -64,44 +106,91 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _as_service_user() -> list[str]:
-    return ["runuser", "-u", SERVICE_USER, "--"] if os.geteuid() == 0 else []
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
-def _chown_to_service_user(path: Path) -> None:
-    if os.geteuid() == 0:
-        entry = pwd.getpwnam(SERVICE_USER)
-        for root, dirs, files in os.walk(path):
-            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                os.chown(name, entry.pw_uid, entry.pw_gid)
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _service_user() -> pwd.struct_passwd | None:
+    """The OS user the server runs as: None when we are not root (then it is us)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        raise PostgresError(
+            f"PostgreSQL cannot run as root and there is no {SERVICE_USER!r} OS user: "
+            "run `make postgres` (hack/install-postgres.sh)"
+        ) from None
+
+
+def _chown_tree(path: Path, user: pwd.struct_passwd | None) -> None:
+    if user is None:
+        return
+    for root, dirs, files in os.walk(path):
+        for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+            os.chown(name, user.pw_uid, user.pw_gid)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class PostgresServer:
+    """One throwaway PostgreSQL server; a context manager that always cleans up."""
+
     def __init__(
         self,
         major: int = 15,
-        settings: dict[str, str] | None = None,
+        settings: Mapping[str, str] | None = None,
         state_dir: Path | None = None,
+        *,
+        die_with_parent: bool | None = None,
     ) -> None:
         self.major = major
         self.settings = dict(settings or {})
         self.bin = bin_dir(major)
-        self._owns_dir = state_dir is None
-        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix=f"pg{major}-"))
+        # Where server.json is recorded for `down`; None for a server owned by this process.
+        self.state_dir = state_dir
+        self.die_with_parent = state_dir is None if die_with_parent is None else die_with_parent
         self.port = free_port()
         self.admin_password = secrets.token_hex(12)
+        self._user = _service_user()
+        self._home: Path | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog_fd: int | None = None
+
+    # --- where things are --------------------------------------------------------------
+
+    @property
+    def home(self) -> Path:
+        """The server's private directory (data, socket, log); exists while started."""
+        if self._home is None:
+            raise PostgresError("the server is not started")
+        return self._home
 
     @property
     def data_dir(self) -> Path:
-        return self.state_dir / "data"
+        return self.home / "data"
 
     @property
     def socket_dir(self) -> Path:
-        return self.state_dir / "socket"
+        return self.home / "socket"
 
     @property
     def log_file(self) -> Path:
-        return self.state_dir / "postgres.log"
+        return self.home / "postgres.log"
+
+    # --- lifecycle -----------------------------------------------------------------------
 
     def __enter__(self) -> PostgresServer:
         self.start()
@@ -110,59 +199,71 @@ class PostgresServer:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    def _run(self, *argv: str, input: str | None = None) -> str:
-        result = subprocess.run(
-            [*_as_service_user(), *argv],
-            capture_output=True, text=True, input=input, check=False, timeout=120,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise PostgresError(f"{Path(argv[0]).name} failed: {result.stderr or result.stdout}")
-        return result.stdout
-
     def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.socket_dir.mkdir(exist_ok=True)
-        password_file = self.state_dir / "admin-password"
-        password_file.write_text(self.admin_password + "\n")
-        _chown_to_service_user(self.state_dir)
-        self._run(
-            str(self.bin / "initdb"), "-D", str(self.data_dir), "-U", ADMIN,
-            f"--pwfile={password_file}", "--auth-local=trust", "--auth-host=scram-sha-256",
-            "--encoding=UTF8", "--no-instructions",
-        )  # fmt: skip
-        password_file.unlink()
-        self._write_settings()
-        self._ctl("start")
+        """initdb, configure, start; on any failure everything started so far is undone."""
+        if self._home is not None:
+            raise PostgresError("already started")
+        self._home = Path(tempfile.mkdtemp(prefix=f"poolbudget-pg{self.major}-"))
+        try:
+            if self.die_with_parent:
+                self._start_watchdog()
+            self.socket_dir.mkdir()
+            password_file = self.home / "admin-password"
+            password_file.write_text(self.admin_password + "\n")
+            _chown_tree(self.home, self._user)
+            self._run(
+                str(self.bin / "initdb"), "-D", str(self.data_dir), "-U", ADMIN,
+                f"--pwfile={password_file}", "--auth-local=trust", "--auth-host=scram-sha-256",
+                "--encoding=UTF8", "--no-instructions",
+            )  # fmt: skip
+            password_file.unlink()
+            self._start_on_a_free_port()
+            if self.state_dir is not None:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                (self.state_dir / RECORD).write_text(json.dumps(self.describe(), indent=2) + "\n")
+        except BaseException:
+            self.stop()
+            raise
 
-    def _write_settings(self) -> None:
-        base = {
-            "listen_addresses": "'127.0.0.1'",
-            "port": str(self.port),
-            "unix_socket_directories": f"'{self.socket_dir}'",
-            "fsync": "off",  # throwaway test data: speed over durability
-            "shared_buffers": "16MB",
-        }
-        lines = [f"{k} = {v}" for k, v in {**base, **self.settings}.items()]
-        (self.data_dir / "postgresql.auto.conf").write_text("\n".join(lines) + "\n")
-        _chown_to_service_user(self.data_dir / "postgresql.auto.conf")
+    def _start_on_a_free_port(self) -> None:
+        # free_port() cannot reserve the port: another process may bind it before the
+        # postmaster does (parallel test runs). Then try another one.
+        for attempt in range(3):
+            self._write_settings()
+            try:
+                self._ctl("start")
+                return
+            except PostgresError:
+                log = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+                if attempt == 2 or "could not bind" not in log:
+                    raise
+                self.port = free_port()
 
-    def _ctl(self, action: str) -> None:
-        self._run(
-            str(self.bin / "pg_ctl"), action, "-D", str(self.data_dir), "-w", "-t", "60",
-            "-l", str(self.log_file), "-m", "fast",
-        )  # fmt: skip
-
-    def restart(self, settings: dict[str, str] | None = None) -> None:
+    def restart(self, settings: Mapping[str, str] | None = None) -> None:
         """Restart with changed settings (max_connections needs a restart)."""
         self.settings.update(settings or {})
         self._write_settings()
         self._ctl("restart")
 
     def stop(self) -> None:
-        if (self.data_dir / "postmaster.pid").exists():
-            self._ctl("stop")
-        if self._owns_dir:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        """Stop the server and remove its files; safe to call twice or after a failed start."""
+        home, self._home = self._home, None
+        if home is None:
+            return
+        try:
+            pid_file = home / "data" / "postmaster.pid"
+            if pid_file.exists():
+                try:
+                    self._pg_ctl(home, "stop")
+                except (PostgresError, subprocess.TimeoutExpired):
+                    _kill_postmaster(pid_file)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+            self._release_watchdog()
+            if self.state_dir is not None:
+                (self.state_dir / RECORD).unlink(missing_ok=True)
+
+    # --- using it ------------------------------------------------------------------------
 
     def sql(self, statement: str, database: str = "postgres") -> str:
         """Run SQL as the admin over the private socket; returns psql's unaligned output."""
@@ -178,20 +279,111 @@ class PostgresServer:
         return self.dsn(ADMIN, self.admin_password, database)
 
     def create_role(self, name: str, password: str, database: str | None = None) -> str:
-        """An unprivileged login role (and optionally its own database); returns its DSN."""
-        self.sql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+        """An unprivileged login role (and optionally a database it owns); returns its DSN."""
+        self.sql(f"CREATE ROLE {quote_ident(name)} LOGIN PASSWORD {quote_literal(password)}")
         if database:
-            self.sql(f"CREATE DATABASE {database} OWNER {name}")
+            self.sql(f"CREATE DATABASE {quote_ident(database)} OWNER {quote_ident(name)}")
         return self.dsn(name, password, database or "postgres")
 
     def describe(self) -> dict[str, object]:
         return {
             "major": self.major,
-            "port": self.port,
-            "state_dir": str(self.state_dir),
-            "admin_dsn": self.admin_dsn(),
             "version": self.sql("SHOW server_version"),
+            "port": self.port,
+            "home": str(self.home),
+            "bin": str(self.bin),
+            "admin_dsn": self.admin_dsn(),
         }
+
+    @classmethod
+    def from_record(cls, state_dir: Path) -> PostgresServer:
+        """The server a `state_dir` records (started by `up` or the demo), to stop it."""
+        record = json.loads((state_dir / RECORD).read_text())
+        server = cls(major=int(record["major"]), state_dir=state_dir, die_with_parent=False)
+        server.port = int(record["port"])
+        # Records written before the server's files moved out of the state dir had none.
+        server._home = Path(record.get("home", state_dir))
+        return server
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _run(self, *argv: str) -> str:
+        prefix = ["runuser", "-u", SERVICE_USER, "--"] if self._user is not None else []
+        result = subprocess.run(
+            [*prefix, *argv],
+            capture_output=True, text=True, check=False, timeout=COMMAND_TIMEOUT_SECONDS,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise PostgresError(f"{Path(argv[0]).name} failed: {result.stderr or result.stdout}")
+        return result.stdout
+
+    def _write_settings(self) -> None:
+        base = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": str(self.socket_dir),
+            "fsync": "off",  # throwaway test data: speed over durability
+            "shared_buffers": "16MB",
+        }
+        # Every value quoted: postgresql.conf accepts quotes around numbers too.
+        lines = [f"{k} = {quote_literal(str(v))}" for k, v in {**base, **self.settings}.items()]
+        conf = self.data_dir / "postgresql.auto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        _chown_tree(conf, self._user)
+
+    def _ctl(self, action: str) -> None:
+        self._pg_ctl(self.home, action)
+
+    def _pg_ctl(self, home: Path, action: str) -> None:
+        self._run(
+            str(self.bin / "pg_ctl"), action, "-D", str(home / "data"), "-w",
+            "-t", str(int(STOP_TIMEOUT_SECONDS)), "-l", str(home / "postgres.log"), "-m", "fast",
+        )  # fmt: skip
+
+    def _start_watchdog(self) -> None:
+        read_fd, write_fd = os.pipe()  # both ends non-inheritable: no other child holds them
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-I", "-c", _WATCHDOG, str(read_fd), str(self.home)],
+                pass_fds=(read_fd,),
+                start_new_session=True,  # a Ctrl-C meant for pytest must not kill it first
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(read_fd)
+        self._watchdog_fd = write_fd
+
+    def _release_watchdog(self) -> None:
+        fd, self._watchdog_fd = self._watchdog_fd, None
+        if fd is not None:
+            os.close(fd)  # EOF: the watchdog finds the files gone and exits
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            try:
+                watchdog.wait(timeout=STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
+                watchdog.wait()
+
+
+def _kill_postmaster(pid_file: Path) -> None:
+    """pg_ctl could not stop it: immediate shutdown by signal, then SIGKILL."""
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    for sig in (signal.SIGQUIT, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS / 2
+        while time.monotonic() < deadline and _process_alive(pid):
+            time.sleep(0.05)
+        if not _process_alive(pid):
+            return
 
 
 def _default_dir() -> Path:
@@ -202,29 +394,37 @@ def _default_dir() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.pgserver")
     parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--dir", type=Path, default=_default_dir())
-    parser.add_argument("--major", type=int, default=15)
+    parser.add_argument("--dir", type=Path, default=_default_dir(), help="where server.json is")
+    parser.add_argument("--major", type=int, default=15, choices=[15, 16])
     parser.add_argument("-c", dest="settings", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
-    info_file = args.dir / "server.json"
+    record = args.dir / RECORD
     if args.action == "down":
-        if not info_file.exists():
+        if not record.exists():
             print(f"no server recorded in {args.dir}")
             return 0
-        info = json.loads(info_file.read_text())
-        server = PostgresServer(major=int(info["major"]), state_dir=args.dir)
+        server = PostgresServer.from_record(args.dir)
+        version = json.loads(record.read_text()).get("version", "?")
         server.stop()
         shutil.rmtree(args.dir, ignore_errors=True)
-        print(f"stopped PostgreSQL {info['version']} and removed {args.dir}")
+        print(f"stopped PostgreSQL {version} (port {server.port}) and removed {args.dir}")
         return 0
-    if info_file.exists():
-        print(f"already running: {info_file.read_text()}", file=sys.stderr)
+    if record.exists():
+        print(f"already running, see {record} (or run down first)", file=sys.stderr)
         return 1
-    settings = dict(item.split("=", 1) for item in args.settings)
-    server = PostgresServer(major=args.major, settings=settings, state_dir=args.dir)
-    server.start()
-    info_file.write_text(json.dumps(server.describe(), indent=2))
-    print(json.dumps(server.describe(), indent=2))
+    settings: dict[str, str] = {}
+    for item in args.settings:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"-c expects NAME=VALUE, got {item!r}")
+        settings[name] = value
+    try:
+        server = PostgresServer(major=args.major, settings=settings, state_dir=args.dir)
+        server.start()
+    except PostgresError as exc:
+        print(f"pgserver: {exc}", file=sys.stderr)
+        return 1
+    print(record.read_text(), end="")
     return 0
 
 
