@@ -66,9 +66,12 @@ try:
     os.kill(pid, signal.SIGQUIT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:  # gone: OSError; a zombie has exited
+            if f.read().rpartition(")")[2].split()[0] == "Z":
+                break
         time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    else:
+        os.kill(pid, signal.SIGKILL)
 except (OSError, ValueError):
     pass
 shutil.rmtree(home, ignore_errors=True)
@@ -136,13 +139,12 @@ def _chown_tree(path: Path, user: pwd.struct_passwd | None) -> None:
 
 
 def _process_alive(pid: int) -> bool:
+    """Still running; a zombie (exited, waiting for init to reap it) is not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 class PostgresServer:
@@ -231,7 +233,7 @@ class PostgresServer:
         for attempt in range(3):
             self._write_settings()
             try:
-                self._ctl("start")
+                self.ctl("start")
                 return
             except PostgresError:
                 log = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
@@ -243,7 +245,7 @@ class PostgresServer:
         """Restart with changed settings (max_connections needs a restart)."""
         self.settings.update(settings or {})
         self._write_settings()
-        self._ctl("restart")
+        self.ctl("restart")
 
     def stop(self) -> None:
         """Stop the server and remove its files; safe to call twice or after a failed start."""
@@ -331,7 +333,9 @@ class PostgresServer:
         conf.write_text("\n".join(lines) + "\n")
         _chown_tree(conf, self._user)
 
-    def _ctl(self, action: str) -> None:
+    def ctl(self, action: str) -> None:
+        """pg_ctl start|stop|restart on this server, keeping its files (tests stop it to see
+        what clients do meanwhile); `stop()` is the one that cleans up."""
         self._pg_ctl(self.home, action)
 
     def _pg_ctl(self, home: Path, action: str) -> None:

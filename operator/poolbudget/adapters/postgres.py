@@ -1,20 +1,21 @@
 """Read PostgreSQL's connection limits with asyncpg, as an unprivileged role.
 
 One `DatabaseProbe` per DSN keeps one connection open across reconciles (a new connection
-costs milliseconds and a slot; `SHOW max_connections` on an open one costs ~0.1 ms) and
-reconnects when it breaks. That connection counts against the database's limit: it belongs
-inside `spec.reservedConnections`.
+costs milliseconds and a slot; a warm probe is one round trip) and reconnects when it
+breaks. That connection counts against the database's limit: it belongs inside
+`spec.reservedConnections`.
 
-Every await is bounded (connect timeout, server-side statement_timeout, and an asyncio
-timeout around each query), and errors are translated into a few types whose messages
-name user@host:port/database and never the password.
+Every await is bounded: the connect timeout covers DNS, TCP, TLS and authentication; each
+query carries a server-side `statement_timeout` and, as a backstop for a network that
+stops answering, a client-side timeout a little longer. Errors are translated into the
+types below, whose messages name user@host:port/database and never the password.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
@@ -22,72 +23,141 @@ from poolbudget.domain.facts import DatabaseFacts
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 QUERY_TIMEOUT_SECONDS = 5.0
+# The client-side backstop fires this much after the server's own statement_timeout, so a
+# slow query is cancelled cleanly by the server (the connection stays usable) and only a
+# silent network is cut off by the client.
+CLIENT_TIMEOUT_MARGIN_SECONDS = 1.0
+APPLICATION_NAME = "poolbudget-operator"
 
-# settings that exist on every supported version; reserved_connections is PostgreSQL 16+.
+# current_setting(name, true) is NULL for a setting the server does not have:
+# reserved_connections exists from PostgreSQL 16 on.
 _LIMITS_QUERY = """
-SELECT name, setting FROM pg_catalog.pg_settings
-WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections',
-               'server_version', 'server_version_num')
+SELECT current_setting('max_connections')::int AS max_connections,
+       current_setting('superuser_reserved_connections')::int AS superuser_reserved,
+       coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
+       current_setting('server_version') AS server_version,
+       current_setting('server_version_num')::int AS server_version_num
 """
-# Client connections, as any role may count them: pg_stat_activity hides backend_type of
-# other roles' sessions from an unprivileged role, pg_stat_database.numbackends does not.
-_IN_USE_QUERY = "SELECT coalesce(sum(numbackends), 0) FROM pg_catalog.pg_stat_database"
+# Connections that hold a max_connections slot are client backends. A role without
+# pg_read_all_stats sees backend_type only for its own sessions: for the others it sees
+# NULL there, but still datid and usesysid. Among those, client backends are the rows with
+# both set: background processes have no database, autovacuum workers no user. (Parallel
+# and logical replication workers of other roles would also be counted; a monitoring role
+# granted pg_monitor gets an exact count.) pg_stat_database.numbackends is no better: it
+# counts autovacuum workers, which use slots of their own.
+_IN_USE_QUERY = """
+SELECT count(*) FROM pg_catalog.pg_stat_activity
+WHERE backend_type = 'client backend'
+   OR (backend_type IS NULL AND datid IS NOT NULL AND usesysid IS NOT NULL)
+"""
+
+# How a reused connection looks when the server or the network dropped it.
+_CONNECTION_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CannotConnectNowError,
+    ConnectionError,
+    OSError,
+)
 
 
 class DatabaseProbeError(Exception):
-    """Base class: the database's limits could not be read."""
+    """Base class: the database's limits could not be read. Messages never hold secrets."""
 
 
 class InvalidDsnError(DatabaseProbeError):
-    """The DSN is not a usable postgresql:// URI."""
+    """The DSN is not a usable postgresql:// URI (rejected before connecting)."""
 
 
 class DatabaseAuthError(DatabaseProbeError):
-    """The server refused the credentials (or the role may not connect)."""
+    """The server refused the credentials, or the role may not connect to the database."""
+
+
+class DatabaseNotFoundError(DatabaseAuthError):
+    """The DSN names a database the server does not have."""
 
 
 class DatabaseUnreachableError(DatabaseProbeError):
-    """Nothing answered at that address, or the server went away."""
+    """Nothing answered at that address, the server refused new clients, or went away."""
 
 
 class DatabaseTimeoutError(DatabaseProbeError):
-    """The server did not answer in time."""
+    """The server (or the network) did not answer in time."""
 
 
-def describe_dsn(dsn: str) -> str:
-    """user@host:port/database, for messages: never the password, never query options."""
+@dataclass(frozen=True)
+class DsnParts:
+    """What a DSN names, without its password."""
+
+    user: str
+    hosts: tuple[tuple[str, int], ...]
+    database: str
+
+    def __str__(self) -> str:
+        hosts = ",".join(f"{host}:{port}" for host, port in self.hosts) or "?"
+        return f"{self.user + '@' if self.user else ''}{hosts}/{self.database}"
+
+
+def _split_host(item: str) -> tuple[str, str]:
+    if item.startswith("["):  # [IPv6]:port
+        host, _, rest = item[1:].partition("]")
+        return host, rest.removeprefix(":")
+    host, _, port = item.partition(":")
+    return host, port
+
+
+def parse_dsn(dsn: str) -> DsnParts:
+    """Check a postgresql:// URI the way asyncpg reads it; InvalidDsnError names the flaw.
+
+    A DSN must name a host and a database: asyncpg would otherwise fall back to PGHOST,
+    PGDATABASE or the user's name from the operator's own environment, and read the limits
+    of some other database than the one meant.
+    """
     try:
         parts = urlsplit(dsn)
-        user = unquote(parts.username or "")
-        host = parts.hostname or "localhost"
-        port = parts.port or 5432
-    except ValueError:
-        return "<unparseable DSN>"
-    database = unquote(parts.path.lstrip("/"))
-    return f"{user + '@' if user else ''}{host}:{port}/{database}"
-
-
-def validate_dsn(dsn: str) -> None:
-    """Reject what would fail obscurely later: wrong scheme, no host, no database name."""
-    try:
-        parts = urlsplit(dsn)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise InvalidDsnError("the DSN is not a valid URI") from None
     if parts.scheme not in ("postgresql", "postgres"):
         raise InvalidDsnError(
             f"the DSN must start with postgresql:// (got {parts.scheme or 'no'} scheme)"
         )
-    if not parts.hostname:
-        raise InvalidDsnError(f"the DSN names no host ({describe_dsn(dsn)})")
-    if not unquote(parts.path.lstrip("/")):
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    user = unquote(userinfo.partition(":")[0]) or query.get("user", "")
+    if not hostlist and "host" in query:
+        hostlist = query["host"]
+    database = unquote(parts.path.removeprefix("/")) or query.get("dbname", "")
+    database = database or query.get("database", "")
+    hosts: list[tuple[str, int]] = []
+    for item in hostlist.split(",") if hostlist else []:
+        host, port_text = _split_host(item)
+        port_text = port_text or query.get("port", "5432")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise InvalidDsnError(f"the DSN has an invalid port {port_text!r}")
+        if not host:
+            raise InvalidDsnError("the DSN has an empty host in its host list")
+        hosts.append((unquote(host), int(port_text)))
+    described = DsnParts(user=user, hosts=tuple(hosts), database=database)
+    if not hosts:
+        raise InvalidDsnError(f"the DSN names no host ({described})")
+    if not database:
         raise InvalidDsnError(
-            f"the DSN names no database ({describe_dsn(dsn)}); add /DBNAME after the host"
+            f"the DSN names no database ({described}); add /DBNAME after the host"
         )
+    return described
+
+
+def describe_dsn(dsn: str) -> str:
+    """user@host:port/database, for messages: never the password, never query options."""
+    try:
+        return str(parse_dsn(dsn))
+    except InvalidDsnError:
+        return "<invalid DSN>"
 
 
 class DatabaseProbe:
-    """Reads limits through one reused connection. Not safe for concurrent use."""
+    """Reads limits through one reused connection; concurrent calls take turns."""
 
     def __init__(
         self,
@@ -101,102 +171,156 @@ class DatabaseProbe:
         self._connect_timeout = connect_timeout
         self._query_timeout = query_timeout
         self._connection: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
 
     @property
     def backend_pid(self) -> int | None:
-        """The server process of the current connection (tests use it to prove reuse)."""
-        return None if self._connection is None else self._connection.get_server_pid()
+        """The server process of the open connection (tests use it to prove reuse)."""
+        connection = self._connection
+        if connection is None or connection.is_closed():
+            return None
+        return connection.get_server_pid()
 
     async def probe(self) -> DatabaseFacts:
-        validate_dsn(self._dsn)
-        for attempt in (1, 2):
+        """The limits now. Raises a DatabaseProbeError subclass; never hangs."""
+        parse_dsn(self._dsn)  # here, not in __init__: a bad DSN is a probe result too
+        async with self._lock:
+            reused = self._connection is not None and not self._connection.is_closed()
             connection = await self._connect()
             try:
                 return await self._read(connection)
-            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
-                # The reused connection died (server restart, idle kill): reconnect once.
-                await self.close()
-                if attempt == 2:
+            except _CONNECTION_LOST:
+                self._discard()
+                if not reused:
                     raise DatabaseUnreachableError(
                         f"lost the connection to {self._where}"
                     ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+            # The kept connection had died (server restart, idle timeout, pg_terminate_backend):
+            # one fresh attempt.
+            connection = await self._connect()
+            try:
+                return await self._read(connection)
+            except _CONNECTION_LOST:
+                self._discard()
+                raise DatabaseUnreachableError(f"lost the connection to {self._where}") from None
 
     async def close(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None and not connection.is_closed():
+        """Close the kept connection (bounded; terminated if the server does not answer)."""
+        async with self._lock:
+            connection, self._connection = self._connection, None
+            if connection is None or connection.is_closed():
+                return
             try:
-                await asyncio.wait_for(connection.close(), timeout=self._connect_timeout)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await connection.close(timeout=self._connect_timeout)
+            except (TimeoutError, *_CONNECTION_LOST, asyncpg.PostgresError):
                 connection.terminate()
+
+    def _discard(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.terminate()
 
     async def _connect(self) -> asyncpg.Connection:
         if self._connection is not None and not self._connection.is_closed():
             return self._connection
-        timeout_ms = str(int(self._query_timeout * 1000))
+        where = self._where
         try:
-            self._connection = await asyncio.wait_for(
-                asyncpg.connect(
+            # asyncpg's timeout covers the whole handshake; the outer one is a backstop.
+            async with asyncio.timeout(self._connect_timeout + CLIENT_TIMEOUT_MARGIN_SECONDS):
+                self._connection = await asyncpg.connect(
                     self._dsn,
                     timeout=self._connect_timeout,
-                    statement_cache_size=0,
+                    statement_cache_size=0,  # two fixed queries; nothing worth caching
                     server_settings={
-                        "application_name": "poolbudget-operator",
-                        "statement_timeout": timeout_ms,
+                        "application_name": APPLICATION_NAME,
+                        "statement_timeout": str(int(self._query_timeout * 1000)),
                     },
-                ),
-                timeout=self._connect_timeout + 1,
-            )
+                )
         except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
             raise DatabaseAuthError(
-                f"authentication failed for {self._where} (check the Secret's DSN)"
+                f"authentication failed for {where} (check the Secret's DSN)"
             ) from None
         except asyncpg.InvalidCatalogNameError:
-            raise DatabaseAuthError(f"database does not exist: {self._where}") from None
+            raise DatabaseNotFoundError(f"database does not exist: {where}") from None
+        except asyncpg.InsufficientPrivilegeError:
+            raise DatabaseAuthError(f"the role may not connect to the database: {where}") from None
         except asyncpg.TooManyConnectionsError:
             raise DatabaseUnreachableError(
-                f"{self._where} refused the connection: too many clients already"
+                f"{where} refused the connection: too many clients already"
+            ) from None
+        except asyncpg.CannotConnectNowError:
+            raise DatabaseUnreachableError(
+                f"{where} is starting up or shutting down and accepts no connections now"
             ) from None
         except TimeoutError:
             raise DatabaseTimeoutError(
-                f"no answer from {self._where} within {self._connect_timeout:.0f}s"
+                f"no answer from {where} within {self._connect_timeout:g}s"
             ) from None
-        except (OSError, socket.gaierror, asyncpg.PostgresConnectionError):
-            raise DatabaseUnreachableError(f"cannot connect to {self._where}") from None
+        except asyncpg.ClientConfigurationError:
+            raise InvalidDsnError(f"asyncpg rejected the DSN's options ({where})") from None
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise DatabaseUnreachableError(f"cannot connect to {where}: {reason}") from None
         except asyncpg.PostgresError as exc:
-            # Server-side refusal of another kind; its SQLSTATE is safe to show.
+            # Another server-side refusal; its SQLSTATE is safe to show, its text may not be.
             raise DatabaseProbeError(
-                f"{self._where} refused the connection (SQLSTATE {exc.sqlstate})"
+                f"{where} refused the connection (SQLSTATE {exc.sqlstate})"
             ) from None
         except ValueError:
-            raise InvalidDsnError(f"the DSN could not be parsed ({self._where})") from None
+            raise InvalidDsnError(f"asyncpg could not parse the DSN ({where})") from None
         return self._connection
 
     async def _read(self, connection: asyncpg.Connection) -> DatabaseFacts:
         try:
-            rows = await asyncio.wait_for(connection.fetch(_LIMITS_QUERY), self._query_timeout)
-            in_use = await asyncio.wait_for(connection.fetchval(_IN_USE_QUERY), self._query_timeout)
+            async with asyncio.timeout(self._query_timeout + CLIENT_TIMEOUT_MARGIN_SECONDS):
+                limits = await connection.fetchrow(_LIMITS_QUERY)
+                in_use = await self._connections_in_use(connection)
         except TimeoutError:
-            await self.close()
+            # The network went quiet mid-query: the connection's state is unknown.
+            self._discard()
             raise DatabaseTimeoutError(
-                f"{self._where} did not answer within {self._query_timeout:.0f}s"
+                f"{self._where} did not answer within {self._query_timeout:g}s"
             ) from None
-        settings = {str(row["name"]): str(row["setting"]) for row in rows}
+        except asyncpg.QueryCanceledError:
+            raise DatabaseTimeoutError(
+                f"{self._where} cancelled the query after {self._query_timeout:g}s"
+            ) from None
+        except _CONNECTION_LOST:
+            raise
+        except asyncpg.PostgresError as exc:
+            raise DatabaseProbeError(
+                f"{self._where} failed to report its limits (SQLSTATE {exc.sqlstate})"
+            ) from None
+        if limits is None:  # one row, always; this only satisfies the type checker
+            raise DatabaseProbeError(f"{self._where} returned no limits")
         return DatabaseFacts(
-            max_connections=int(settings["max_connections"]),
-            superuser_reserved_connections=int(settings.get("superuser_reserved_connections", 0)),
-            reserved_connections=int(settings.get("reserved_connections", 0)),
-            server_version=settings.get("server_version", "").split(" ")[0],
-            server_version_num=int(settings.get("server_version_num", 0)),
-            connections_in_use=int(in_use) if in_use is not None else None,
+            max_connections=int(limits["max_connections"]),
+            superuser_reserved_connections=int(limits["superuser_reserved"]),
+            reserved_connections=int(limits["reserved"]),
+            server_version=str(limits["server_version"]).split(" ")[0],  # "15.8 (Debian ...)"
+            server_version_num=int(limits["server_version_num"]),
+            connections_in_use=in_use,
         )
+
+    @staticmethod
+    async def _connections_in_use(connection: asyncpg.Connection) -> int | None:
+        """Informational only: when the role may not read pg_stat_activity (a hardened
+        server revokes it) or the count times out, the limits still count; None here."""
+        try:
+            count = await connection.fetchval(_IN_USE_QUERY)
+        except (asyncpg.InsufficientPrivilegeError, asyncpg.QueryCanceledError):
+            return None
+        return None if count is None else int(count)
 
 
 async def probe_once(
-    dsn: str, *, connect_timeout: float = CONNECT_TIMEOUT_SECONDS
+    dsn: str,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+    query_timeout: float = QUERY_TIMEOUT_SECONDS,
 ) -> DatabaseFacts:
     """Open, read, close: for the CLI and one-off checks."""
-    probe = DatabaseProbe(dsn, connect_timeout=connect_timeout)
+    probe = DatabaseProbe(dsn, connect_timeout=connect_timeout, query_timeout=query_timeout)
     try:
         return await probe.probe()
     finally:
