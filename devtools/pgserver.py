@@ -19,6 +19,9 @@ removes that directory and leaves no process behind. A server started without a
 gone), so a killed pytest run leaves no server behind; one recorded in a `state_dir` (the
 CLI's `up`, the demo's --keep) may outlive it until `down`.
 
+`PgBouncer` puts a stock PgBouncer (Debian's, transaction pooling) in front of a server,
+for the client tests of `pooling: PgBouncerTransaction`; it, too, runs as `postgres`.
+
     python -m devtools.pgserver up [--major 16] [--dir DIR] [-c max_connections=100]
     python -m devtools.pgserver down [--dir DIR]
 
@@ -51,19 +54,19 @@ COMMAND_TIMEOUT_SECONDS = 120
 STOP_TIMEOUT_SECONDS = 30.0
 
 # The watchdog blocks on a pipe whose only write end this process holds: when this process
-# ends, however it ends, the read returns EOF and the watchdog shuts the server down
-# (SIGQUIT is PostgreSQL's immediate shutdown; the postmaster takes its children along)
-# and removes its files. After a normal stop() it finds nothing left to do.
+# ends, however it ends, the read returns EOF and the watchdog signals the pid in the pid
+# file (SIGQUIT is PostgreSQL's immediate shutdown; the postmaster takes its children
+# along) and removes the files. After a normal stop() it finds nothing left to do.
 _WATCHDOG = """# devtools.pgserver watchdog
 import os, shutil, signal, sys, time
-fd, home = int(sys.argv[1]), sys.argv[2]
+fd, home, pid_file, signum = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 while os.read(fd, 64):
     pass
 try:
-    with open(os.path.join(home, "data", "postmaster.pid")) as f:
+    with open(os.path.join(home, pid_file)) as f:
         pid = int(f.readline())
-    os.kill(pid, signal.SIGQUIT)
+    os.kill(pid, signum)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with open(f"/proc/{pid}/stat") as f:  # gone: OSError; a zombie has exited
@@ -76,6 +79,38 @@ except (OSError, ValueError):
     pass
 shutil.rmtree(home, ignore_errors=True)
 """
+
+
+class Watchdog:
+    """Stops a process (by its pid file) and removes its directory if we die first."""
+
+    def __init__(self, home: Path, pid_file: str, signum: int) -> None:
+        read_fd, self._fd = os.pipe()  # both ends non-inheritable: no other child holds them
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-c", _WATCHDOG, str(read_fd), str(home), pid_file,
+                 str(int(signum))],
+                pass_fds=(read_fd,),
+                start_new_session=True,  # a Ctrl-C meant for pytest must not kill it first
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        except BaseException:
+            os.close(self._fd)
+            raise
+        finally:
+            os.close(read_fd)
+
+    def release(self) -> None:
+        """Call after a normal stop: the watchdog finds the files gone and exits."""
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        try:
+            self._process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
 
 class PostgresError(RuntimeError):
@@ -168,8 +203,7 @@ class PostgresServer:
         self.admin_password = secrets.token_hex(12)
         self._user = _service_user()
         self._home: Path | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
-        self._watchdog_fd: int | None = None
+        self._watchdog: Watchdog | None = None
 
     # --- where things are --------------------------------------------------------------
 
@@ -208,7 +242,7 @@ class PostgresServer:
         self._home = Path(tempfile.mkdtemp(prefix=f"poolbudget-pg{self.major}-"))
         try:
             if self.die_with_parent:
-                self._start_watchdog()
+                self._watchdog = Watchdog(self.home, "data/postmaster.pid", signal.SIGQUIT)
             self.socket_dir.mkdir()
             password_file = self.home / "admin-password"
             password_file.write_text(self.admin_password + "\n")
@@ -344,32 +378,10 @@ class PostgresServer:
             "-t", str(int(STOP_TIMEOUT_SECONDS)), "-l", str(home / "postgres.log"), "-m", "fast",
         )  # fmt: skip
 
-    def _start_watchdog(self) -> None:
-        read_fd, write_fd = os.pipe()  # both ends non-inheritable: no other child holds them
-        try:
-            self._watchdog = subprocess.Popen(
-                [sys.executable, "-I", "-c", _WATCHDOG, str(read_fd), str(self.home)],
-                pass_fds=(read_fd,),
-                start_new_session=True,  # a Ctrl-C meant for pytest must not kill it first
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        finally:
-            os.close(read_fd)
-        self._watchdog_fd = write_fd
-
     def _release_watchdog(self) -> None:
-        fd, self._watchdog_fd = self._watchdog_fd, None
-        if fd is not None:
-            os.close(fd)  # EOF: the watchdog finds the files gone and exits
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
-            try:
-                watchdog.wait(timeout=STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                watchdog.kill()
-                watchdog.wait()
+            watchdog.release()
 
 
 def _kill_postmaster(pid_file: Path) -> None:
@@ -388,6 +400,127 @@ def _kill_postmaster(pid_file: Path) -> None:
             time.sleep(0.05)
         if not _process_alive(pid):
             return
+
+
+def pgbouncer_binary() -> Path:
+    found = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(found).exists():
+        raise PostgresError("no pgbouncer: run `make postgres` (hack/install-postgres.sh)")
+    return Path(found)
+
+
+class PgBouncer:
+    """PgBouncer in front of a PostgresServer, with its stock settings otherwise (so a
+    client that works here works with a default PgBouncer): for client tests.
+
+        with PgBouncer(server, "shop", {"app": "pw"}, pool_size=2) as bouncer:
+            url = bouncer.dsn("app", "pw", "shop")
+    """
+
+    def __init__(
+        self,
+        server: PostgresServer,
+        database: str,
+        users: Mapping[str, str],
+        *,
+        pool_mode: str = "transaction",
+        pool_size: int = 2,
+    ) -> None:
+        self.server = server
+        self.database = database
+        self.users = dict(users)
+        self.pool_mode = pool_mode
+        self.pool_size = pool_size
+        self.binary = pgbouncer_binary()
+        self.port = free_port()
+        self._user = _service_user()
+        self._home: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._watchdog: Watchdog | None = None
+
+    @property
+    def home(self) -> Path:
+        if self._home is None:
+            raise PostgresError("pgbouncer is not started")
+        return self._home
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "pgbouncer.log"
+
+    def dsn(self, user: str, password: str, database: str) -> str:
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def __enter__(self) -> PgBouncer:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._home is not None:
+            raise PostgresError("already started")
+        self._home = Path(tempfile.mkdtemp(prefix="poolbudget-pgbouncer-"))
+        try:
+            self._watchdog = Watchdog(self.home, "pgbouncer.pid", signal.SIGTERM)
+            # PgBouncer authenticates clients with SCRAM from these plain passwords and
+            # logs in to PostgreSQL with them.
+            users = "".join(f'"{u}" "{p}"\n' for u, p in self.users.items())
+            (self.home / "users.txt").write_text(users)
+            (self.home / "pgbouncer.ini").write_text(
+                "[databases]\n"
+                f"{self.database} = host=127.0.0.1 port={self.server.port} dbname={self.database}\n"
+                "[pgbouncer]\n"
+                f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+                f"auth_type = scram-sha-256\nauth_file = {self.home / 'users.txt'}\n"
+                f"pool_mode = {self.pool_mode}\ndefault_pool_size = {self.pool_size}\n"
+                f"logfile = {self.log_file}\npidfile = {self.home / 'pgbouncer.pid'}\n"
+            )
+            _chown_tree(self.home, self._user)
+            self._process = subprocess.Popen(
+                [str(self.binary), str(self.home / "pgbouncer.ini")],
+                user=None if self._user is None else self._user.pw_uid,
+                group=None if self._user is None else self._user.pw_gid,
+                extra_groups=None if self._user is None else [],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            self._wait_until_listening()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_listening(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                log = self.log_file.read_text() if self.log_file.exists() else ""
+                raise PostgresError(f"pgbouncer exited with {self._process.returncode}: {log}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise PostgresError(f"pgbouncer did not listen on {self.port} in time")
+
+    def stop(self) -> None:
+        home, self._home = self._home, None
+        process, self._process = self._process, None
+        try:
+            if process is not None and process.poll() is None:
+                process.terminate()  # SIGTERM: PgBouncer's immediate shutdown
+                try:
+                    process.wait(timeout=STOP_TIMEOUT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        finally:
+            if home is not None:
+                shutil.rmtree(home, ignore_errors=True)
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                watchdog.release()
 
 
 def _default_dir() -> Path:
