@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.pgserver import PostgresError, PostgresServer, main
+from devtools.pgserver import PgBouncer, PostgresError, PostgresServer, main
 
 pytestmark = pytest.mark.postgres
 
@@ -125,3 +125,16 @@ def test_cli_up_and_down(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert not home.exists()
     assert not state.exists()
     assert main(["down", "--dir", str(state)]) == 0  # nothing recorded: nothing to do
+
+
+def test_pgbouncer_runs_unprivileged_and_cleans_up() -> None:
+    with PostgresServer(major=16) as server:
+        server.create_role("app", "app-pw", database="shop")
+        with PgBouncer(server, "shop", {"app": "app-pw"}) as bouncer:
+            home = bouncer.home
+            pid = int((home / "pgbouncer.pid").read_text())
+            assert alive(pid)
+            if os.geteuid() == 0:
+                assert Path(f"/proc/{pid}").stat().st_uid != 0  # PgBouncer refuses root too
+        wait_for(lambda: not alive(pid), "pgbouncer to exit")
+        assert not home.exists()
