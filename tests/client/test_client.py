@@ -315,7 +315,7 @@ async def test_prepared_statements_under_each_pooling_mode(pg: Database) -> None
 # --- through a real PgBouncer in transaction pooling ------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def bouncer(pg: Database) -> Iterator[PgBouncer]:
     """Stock PgBouncer, transaction pooling, two server connections for the `monitor` role."""
     with PgBouncer(pg.server, "shop", {"monitor": MONITOR_PASSWORD}, pool_size=2) as running:

@@ -292,23 +292,23 @@ async def test_dsn_without_a_database_is_rejected_before_connecting() -> None:
         assert_no_secret(caught.value, MONITOR_PASSWORD)
 
 
-async def test_a_full_server_is_unreachable_for_now(pg: Database) -> None:
+async def test_a_full_server_is_unreachable_for_now(own_pg: Database) -> None:
     """Once ordinary roles have used every slot they may, the probe says so and does not hang."""
     held: list[asyncpg.Connection] = []
     try:
         while True:
             try:
-                held.append(await asyncpg.connect(pg.dsn))
+                held.append(await asyncpg.connect(own_pg.dsn))
             except asyncpg.TooManyConnectionsError:
                 break
             assert len(held) < 40, "max_connections was not enforced"
         with pytest.raises(DatabaseUnreachableError, match="too many clients"):
-            await probe_once(pg.dsn)
+            await probe_once(own_pg.dsn)
     finally:
         for connection in held:
             await connection.close()
     # What an ordinary role may use: max_connections minus both reserves (37 - 2 - 3 on 16).
-    assert len(held) == 37 - 2 - pg.expected.get("reserved_connections", 0)
+    assert len(held) == 37 - 2 - own_pg.expected.get("reserved_connections", 0)
 
 
 async def test_unreachable_port_fails_fast() -> None:
