@@ -124,7 +124,11 @@ class OperatorProcess:
                 values[key] = float(value)
         return values
 
-    def api_writes(self) -> float:
+    def api_writes(self, namespace: str | None = None) -> float:
+        """Writes sent so far, all of them or only those into one namespace."""
+        label = f'namespace="{namespace}"'
         return sum(
-            v for k, v in self.metrics().items() if k.startswith("poolbudget_api_writes_total")
+            v
+            for k, v in self.metrics().items()
+            if k.startswith("poolbudget_api_writes_total") and (namespace is None or label in k)
         )

@@ -13,7 +13,6 @@ How the pieces fit:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -197,7 +196,11 @@ def budget_changed(
 # --- the reconcile loop, one per PoolBudget ----------------------------------------------
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="reconcile", cancellation_timeout=10)
+# The backoff lets a stopped daemon leave between reconciles (it waits on `stopped`)
+# rather than be cancelled in the middle of one.
+@kopf.daemon(
+    GROUP, VERSION, PLURAL, id="reconcile", cancellation_backoff=5, cancellation_timeout=10
+)
 async def budget_daemon(
     stopped: kopf.DaemonStopped,
     namespace: str | None,
@@ -237,7 +240,7 @@ async def budget_daemon(
             except Exception:  # the loop must survive anything; the next round retries
                 logger.exception("reconcile failed; retrying")
                 delay = 10.0
-            await _sleep_until_woken(wake, delay)
+            await _sleep_until_woken(wake, stopped, delay)
     finally:
         runtime.memories.pop(key, None)
         if memory.prober is not None:
@@ -265,7 +268,17 @@ def _observe(
     )
 
 
-async def _sleep_until_woken(wake: asyncio.Event, delay: float | None) -> None:
-    """Wait for a wake-up or the delay, whichever first. Cancellation stops the daemon."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(wake.wait(), timeout=delay)
+async def _sleep_until_woken(
+    wake: asyncio.Event, stopped: kopf.DaemonStopped, delay: float | None
+) -> None:
+    """Wait for a wake-up, the delay or the daemon's stop, whichever first.
+
+    Waiting on `stopped` too matters: a budget being deleted (its namespace terminating)
+    must stop at once, not reconcile on every wake-up until Kopf cancels it.
+    """
+    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()

@@ -9,8 +9,8 @@ TARGET = [*BUDGET, "deployment"]
 
 API_WRITES = Counter(
     "poolbudget_api_writes_total",
-    "Writes this operator sent to the Kubernetes API, by kind of write.",
-    ["kind"],
+    "Writes this operator sent to the Kubernetes API, by kind of write and namespace.",
+    ["kind", "namespace"],
 )
 RECONCILES = Counter(
     "poolbudget_reconciles_total",

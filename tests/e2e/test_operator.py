@@ -111,11 +111,12 @@ def test_scaling_rebudgets_and_rolls_but_hpa_covered_scaling_changes_nothing(
     assert web["podsWorstCase"] == 8 + 2  # HPA max + 25% surge of 8
     api_before = ns.allocation("shop", "api")
     assert api_before is not None
-    wait_for(lambda: _writes_stable(operator, 2.0), timeout=60, what="writes to settle")
+    wait_for(lambda: _writes_stable(operator, ns.namespace, 2.0), timeout=60,
+             what="writes to settle")  # fmt: skip
     api_sets = ns.replicasets("api")
     web_sets = ns.replicasets("web")
     web_data = ns.configmap("web-db-pool")
-    writes = operator.api_writes()
+    writes = operator.api_writes(ns.namespace)
     reconciles = _reconciles(operator, ns.namespace)
 
     # Within the HPA's max the worst case is unchanged: the operator reconciles (the
@@ -123,7 +124,7 @@ def test_scaling_rebudgets_and_rolls_but_hpa_covered_scaling_changes_nothing(
     ns.kubectl("scale", "deployment", "web", "--replicas=6")
     wait_for(lambda: _reconciles(operator, ns.namespace) > reconciles, timeout=30,
              what="a reconcile after scaling web")  # fmt: skip
-    assert operator.api_writes() == writes
+    assert operator.api_writes(ns.namespace) == writes
     assert ns.replicasets("web") == web_sets
     assert ns.configmap("web-db-pool") == web_data
 
@@ -174,21 +175,24 @@ def test_no_writes_when_nothing_changed(ns: Cluster, operator_process: OperatorP
     ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4}]))
     wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
     # Let the restart's rollout and its status updates settle.
-    wait_for(lambda: _writes_stable(operator_process, 3.0), timeout=60, what="writes to settle")
-    before = operator_process.api_writes()
+    wait_for(lambda: _writes_stable(operator_process, ns.namespace, 3.0), timeout=60,
+             what="writes to settle")  # fmt: skip
+    # Only this test's namespace: the operator is shared, and budgets in namespaces that
+    # earlier tests left behind may still be wound down.
+    before = operator_process.api_writes(ns.namespace)
     # Events that change nothing the budget depends on: a label, an annotation on the
     # Deployment (not its template), and a no-op touch of the PoolBudget's labels.
     ns.kubectl("label", "deployment", "api", "team=payments")
     ns.kubectl("annotate", "deployment", "api", "note=hello")
     ns.kubectl("label", "poolbudget", "shop", "owner=platform")
     time.sleep(3)  # a quiet period is the thing being measured here, not a wait for a state
-    assert operator_process.api_writes() == before
+    assert operator_process.api_writes(ns.namespace) == before
 
 
-def _writes_stable(process: OperatorProcess, seconds: float) -> bool:
-    before = process.api_writes()
+def _writes_stable(process: OperatorProcess, namespace: str, seconds: float) -> bool:
+    before = process.api_writes(namespace)
     time.sleep(seconds)
-    return process.api_writes() == before
+    return process.api_writes(namespace) == before
 
 
 def test_infeasible_budget_keeps_the_last_good_configmap(ns: Cluster) -> None:

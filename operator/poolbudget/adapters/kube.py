@@ -130,6 +130,7 @@ class KubeGateway:
         )
         await self._write(
             "configmap",
+            namespace,
             f"ConfigMap {namespace}/{name}",
             lambda: self._client.apply(configmap, field_manager=FIELD_MANAGER, force=True),
         )
@@ -141,6 +142,7 @@ class KubeGateway:
         patch = {"spec": {"template": {"metadata": {"annotations": annotations}}}}
         await self._write(
             "deployment",
+            namespace,
             f"Deployment {namespace}/{deployment}",
             lambda: self._client.patch(
                 Deployment,
@@ -156,6 +158,7 @@ class KubeGateway:
         """A merge patch of the status subresource (lists in it are replaced whole)."""
         await self._write(
             "status",
+            namespace,
             f"PoolBudget {namespace}/{name} status",
             lambda: self._client.patch(
                 PoolBudgetResource.Status,
@@ -191,14 +194,15 @@ class KubeGateway:
         )
         await self._write(
             "event",
+            budget.namespace,
             f"Event on PoolBudget {budget.namespace}/{budget.name}",
             lambda: self._client.create(event),
         )
 
-    async def _write(self, kind: str, what: str, call: Any) -> None:
+    async def _write(self, kind: str, namespace: str, what: str, call: Any) -> None:
         """Run one write; retry conflicts (409) with a short backoff, nothing else blindly."""
         for attempt in range(CONFLICT_RETRIES):
-            metrics.API_WRITES.labels(kind=kind).inc()
+            metrics.API_WRITES.labels(kind=kind, namespace=namespace).inc()
             try:
                 await call()
                 return
