@@ -95,6 +95,28 @@ def _settled(target: TargetState, policy: RolloutPolicy) -> bool:
     return target.template_hash == target.desired_hash and not target.rolling
 
 
+def _applied_phase(target: TargetState, policy: RolloutPolicy) -> tuple[TargetPhase, str]:
+    """No restart is due (the template carries the hash, or restarts are off): how far the
+    Deployment's own rollout has got."""
+    if target.stalled:
+        return TargetPhase.STALLED, "rollout is not progressing"
+    if not policy.restarts_enabled:
+        return (
+            TargetPhase.APPLIED,
+            "ConfigMap written; restarts are disabled (rollout.strategy None)",
+        )
+    if target.rolling:
+        return TargetPhase.ROLLING, "rollout in progress"
+    return TargetPhase.APPLIED, "settings applied"
+
+
+def _cooldown_left(target: TargetState, policy: RolloutPolicy, now: datetime) -> float:
+    """Seconds until minIntervalSeconds since this operator last restarted it (<= 0: none)."""
+    if target.last_restart is None:
+        return 0.0
+    return policy.min_interval_seconds - (now - target.last_restart).total_seconds()
+
+
 def plan_rollout(
     targets: Sequence[TargetState], policy: RolloutPolicy, now: datetime
 ) -> RolloutPlan:
@@ -112,89 +134,42 @@ def plan_rollout(
     # Non-growers first so they take the restart slots; name order for determinism.
     for target in sorted(targets, key=lambda t: (t.name in growers, t.name)):
         write = target.configmap_hash != target.desired_hash
+        restart = False
         if write and target.name in growers and hold_growers:
-            waiting_for = ", ".join(unsettled_others)
-            actions.append(
-                TargetAction(
-                    name=target.name,
-                    write_configmap=False,
-                    restart=False,
-                    phase=TargetPhase.PENDING,
-                    message=f"pool grows; waits for {waiting_for} to finish rolling out first",
-                )
+            write = False
+            phase = TargetPhase.PENDING
+            message = (
+                f"pool grows; waits for {', '.join(unsettled_others)} to finish rolling out first"
             )
-            continue
-        if not target.deployment_exists:
-            actions.append(
-                TargetAction(
-                    name=target.name,
-                    write_configmap=write,
-                    restart=False,
-                    phase=TargetPhase.MISSING,
-                    message="Deployment not found; its ConfigMap is kept current",
-                )
+        elif not target.deployment_exists:
+            phase, message = (
+                TargetPhase.MISSING,
+                "Deployment not found; its ConfigMap is kept current",
             )
-            continue
-        if not policy.restarts_enabled or target.template_hash == target.desired_hash:
-            phase, message = TargetPhase.APPLIED, "settings applied"
-            if target.stalled:
-                phase, message = TargetPhase.STALLED, "rollout is not progressing"
-            elif target.rolling and policy.restarts_enabled:
-                phase, message = TargetPhase.ROLLING, "rollout in progress"
-            elif not policy.restarts_enabled:
-                message = "ConfigMap written; restarts are disabled (rollout.strategy None)"
-            actions.append(
-                TargetAction(
-                    name=target.name,
-                    write_configmap=write,
-                    restart=False,
-                    phase=phase,
-                    message=message,
-                )
-            )
-            continue
-
-        # The pod template runs other settings: a restart is due.
-        if target.last_restart is not None:
-            elapsed = (now - target.last_restart).total_seconds()
-            remaining = policy.min_interval_seconds - elapsed
-            if remaining > 0:
-                recheck = remaining if recheck is None else min(recheck, remaining)
-                actions.append(
-                    TargetAction(
-                        name=target.name,
-                        write_configmap=write,
-                        restart=False,
-                        phase=TargetPhase.PENDING,
-                        message=f"restart due; cooldown (minIntervalSeconds) ends in "
-                        f"{int(remaining) + 1}s",
-                    )
-                )
-                continue
-        if target.rolling or slots <= 0:
+        elif not policy.restarts_enabled or target.template_hash == target.desired_hash:
+            phase, message = _applied_phase(target, policy)
+        elif (remaining := _cooldown_left(target, policy, now)) > 0:
+            recheck = remaining if recheck is None else min(recheck, remaining)
+            phase = TargetPhase.PENDING
+            message = f"restart due; cooldown (minIntervalSeconds) ends in {int(remaining) + 1}s"
+        elif target.rolling or slots <= 0:
             reason = (
                 "a rollout is already in progress"
                 if target.rolling
                 else f"maxConcurrent ({policy.max_concurrent}) Deployments are rolling"
             )
-            actions.append(
-                TargetAction(
-                    name=target.name,
-                    write_configmap=write,
-                    restart=False,
-                    phase=TargetPhase.PENDING,
-                    message=f"restart due; waits: {reason}",
-                )
-            )
-            continue
-        slots -= 1
+            phase, message = TargetPhase.PENDING, f"restart due; waits: {reason}"
+        else:  # the pod template runs other settings, and a slot is free: restart now
+            slots -= 1
+            restart = True
+            phase, message = TargetPhase.ROLLING, "restarted to pick up new pool settings"
         actions.append(
             TargetAction(
                 name=target.name,
                 write_configmap=write,
-                restart=True,
-                phase=TargetPhase.ROLLING,
-                message="restarted to pick up new pool settings",
+                restart=restart,
+                phase=phase,
+                message=message,
             )
         )
 
