@@ -453,7 +453,7 @@ class Proof:
         }
 
 
-def run_proof(scale_name: str = "small", progress: bool = False) -> Proof:
+def run_proof(scale_name: str = "small", progress: bool = False, major: int = 16) -> Proof:
     from devtools.pgserver import PostgresServer
 
     scale = SCALES[scale_name]
@@ -463,13 +463,14 @@ def run_proof(scale_name: str = "small", progress: bool = False) -> Proof:
             print(message, flush=True)
 
     settings = {"max_connections": str(scale.max_connections)}
-    with PostgresServer(major=16, settings=settings) as server:
+    with PostgresServer(major=major, settings=settings) as server:
         monitor_dsn = server.create_role(MONITOR_ROLE, MONITOR_PASSWORD)
         app_dsn = server.create_role(APP_ROLE, APP_PASSWORD, database=APP_DATABASE)
         plan, configmaps = asyncio.run(plan_configmaps(scale, monitor_dsn))
         workers = {a.name: a.workers for a in plan.allocations}
         say(
-            f"PostgreSQL 16 on 127.0.0.1:{server.port}: max_connections {plan.max_connections}, "
+            f"PostgreSQL {major} on 127.0.0.1:{server.port}: "
+            f"max_connections {plan.max_connections}, "
             f"withheld by server {plan.withheld_by_server}, reserved {plan.reserved_connections}"
             f" -> usable {plan.usable_connections}; plan {plan.verdict.value}, "
             f"peak {plan.peak_connections}"
@@ -553,11 +554,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.fleet", description=__doc__)
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
+    parser.add_argument(
+        "--major", type=int, choices=[15, 16], default=16, help="PostgreSQL major version"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main()
-    proof = run_proof(args.scale, progress=True)
+    proof = run_proof(args.scale, progress=True, major=args.major)
     print()
     print(render_table(proof))
     if args.json:

@@ -20,12 +20,14 @@ from devtools.fleet import (
 pytestmark = pytest.mark.postgres
 
 
-def test_budgeted_fleet_fits_and_naive_fleet_gets_too_many_clients() -> None:
-    proof = run_proof("small")
+@pytest.mark.parametrize("major", [15, 16], ids=["pg15", "pg16"])
+def test_budgeted_fleet_fits_and_naive_fleet_gets_too_many_clients(major: int) -> None:
+    proof = run_proof("small", major=major)
     budgeted, naive = proof.budgeted, proof.naive
     scale = SCALES["small"]
 
-    # The plan came from the real server's limits (PostgreSQL 16: 3 superuser-reserved).
+    # The plan came from the real server's limits (3 superuser-reserved by default; 15 has
+    # no reserved_connections, 16 has it at 0 by default).
     assert proof.max_connections == scale.max_connections
     assert proof.usable == scale.max_connections - 3 - scale.reserved_connections
     assert proof.planned_peak <= proof.usable
