@@ -329,7 +329,7 @@ def measure_scale(
                         for k in metrics if k.startswith("poolbudget_reconciles_total")}  # fmt: skip
         return len(budgets_seen) >= budgets
 
-    def settle(label: str) -> dict[str, float]:
+    def settle(label: str) -> dict[str, Any]:
         begun = time.monotonic()
         operator.start()
         wait_for(converged, timeout=1800, interval=1.0, what=f"{label}: every budget reconciled")
@@ -344,7 +344,8 @@ def measure_scale(
         settled = time.monotonic() - begun - 5
         rss, cpu = process_figures(operator.pid)
         return {"every_budget_reconciled_s": round(first_pass, 1), "writes_settled_s": round(settled, 1),
-                "peak_rss_mib": round(rss, 1), "cpu_s": round(cpu, 1), "api_writes": last}  # fmt: skip
+                "peak_rss_mib": round(rss, 1), "cpu_s": round(cpu, 1), "api_writes": last,
+                "api_writes_by_kind": operator.api_writes_by_kind()}  # fmt: skip
 
     cold = settle("cold start")
     operator.stop()
@@ -448,6 +449,10 @@ def print_scale(results: dict[str, Any]) -> None:
         print(f"  {label:14} every budget reconciled {s['every_budget_reconciled_s']:>6} s, writes settled "
               f"{s['writes_settled_s']:>6} s, peak RSS {s['peak_rss_mib']:>6} MiB, CPU {s['cpu_s']:>6} s, "
               f"API writes {s['api_writes']:.0f}")  # fmt: skip
+        kinds = ", ".join(
+            f"{k} {v:.0f}" for k, v in sorted(s.get("api_writes_by_kind", {}).items())
+        )
+        print(f"  {'':14} writes by kind: {kinds or 'none'}")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,15 @@ class OperatorProcess:
                 values[key] = float(value)
         return values
 
+    def api_writes_by_kind(self) -> dict[str, float]:
+        """Writes sent so far per kind (configmap, deployment, status, event)."""
+        kinds: dict[str, float] = {}
+        for key, value in self.metrics().items():
+            if key.startswith("poolbudget_api_writes_total") and 'kind="' in key:
+                kind = key.split('kind="', 1)[1].split('"', 1)[0]
+                kinds[kind] = kinds.get(kind, 0.0) + value
+        return kinds
+
     def api_writes(self, namespace: str | None = None) -> float:
         """Writes sent so far, all of them or only those into one namespace."""
         label = f'namespace="{namespace}"'

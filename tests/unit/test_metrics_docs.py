@@ -1,0 +1,42 @@
+"""The README's metrics table is the operator's metrics, no more, no fewer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prometheus_client.metrics import MetricWrapperBase
+
+from poolbudget import metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+RECONCILE = (ROOT / "operator" / "poolbudget" / "reconcile.py").read_text()
+
+
+def served_metric_names() -> set[str]:
+    names = set()
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            for family in value.collect():
+                # Counter families are named without the _total their samples carry.
+                names.add(family.name + ("_total" if family.type == "counter" else ""))
+    return names
+
+
+def test_every_metric_is_documented_and_every_documented_metric_exists() -> None:
+    section = README.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(poolbudget_[a-z_]+)` \|", section, flags=re.MULTILINE))
+    served = served_metric_names()
+    assert len(served) >= 10
+    assert documented == served
+
+
+def test_the_documented_error_reasons_are_the_ones_counted() -> None:
+    counted = set(re.findall(r'ERRORS\.labels\(\*\*labels, reason="(\w+)"\)', RECONCILE))
+    counted |= set(re.findall(r'DatabaseFailure\("(\w+)"', RECONCILE))  # reason=failure.reason
+    counted |= set(re.findall(r'"\w+Error": "(\w+)"', RECONCILE))  # probe errors mapped
+    row = next(line for line in README.splitlines() if "`poolbudget_errors_total`" in line)
+    documented = set(re.findall(r"`([A-Z]\w+)`", row))
+    assert {"SecretNotFound", "AuthenticationFailed", "BudgetInfeasible"} <= counted
+    assert documented == counted
