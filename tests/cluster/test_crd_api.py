@@ -3,7 +3,8 @@
 Applied with kubectl like a user would; then the API server itself fills in the defaults,
 rejects invalid budgets with a message that names the field (and the pydantic models reject
 the same specs), teaches the fields through `kubectl explain`, keeps status behind its
-subresource, and prints the columns of `kubectl get pbud`.
+subresource, and prints the columns of `kubectl get pbud`. The cases themselves live in
+tests/unit/test_crd.py, which checks the pydantic models refuse and accept the same specs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 
 from devtools.localcluster import LocalCluster, wait_for
 from poolbudget.api.v1alpha1 import PoolBudgetSpec
-from tests.unit.test_crd import INVALID_SPECS, VALID
+from tests.unit.test_crd import EDGE_SPECS, INVALID_SPECS, VALID
 
 pytestmark = pytest.mark.cluster
 
@@ -27,19 +28,18 @@ CRD_NAME = "poolbudgets.poolbudget.dev"
 
 
 @pytest.fixture(scope="module")
-def cluster(local_cluster: LocalCluster) -> LocalCluster:
-    """The control plane with the CRD applied, Established, and served to clients."""
-    local_cluster.kubectl("apply", "-f", str(CRD_FILE))
-    local_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+def cluster(crd_installed: LocalCluster) -> LocalCluster:
+    """The control plane with the CRD Established (`crd_installed`) and served to clients:
+    discovery can lag Established by a moment, and kubectl needs it to map the kind."""
 
     def served() -> bool:
-        result = local_cluster.kubectl(
+        result = crd_installed.kubectl(
             "api-resources", "--api-group=poolbudget.dev", "-o", "name", check=False
         )
-        return "poolbudgets.poolbudget.dev" in result.stdout.split()
+        return CRD_NAME in result.stdout.split()
 
     wait_for(served, timeout=30, what="poolbudgets in API discovery")
-    return local_cluster
+    return crd_installed
 
 
 def document(spec: dict[str, Any], name: str = "shop-db") -> str:
@@ -107,6 +107,21 @@ def test_valid_budget_is_accepted_and_defaulted_by_the_api_server(
     )
 
 
+def test_a_minimal_target_gets_every_default(cluster: LocalCluster, kube_namespace: str) -> None:
+    minimal = {"database": {"maxConnectionsOverride": 100}, "targets": [{"deploymentName": "api"}]}
+    assert apply(cluster, kube_namespace, minimal).returncode == 0
+
+    spec = get(cluster, kube_namespace)["spec"]
+
+    assert spec["targets"] == [
+        {"deploymentName": "api", "processesPerPod": 1, "weight": 1, "minPoolSize": 1}
+    ]
+    assert spec["defaults"]["poolRecycleSeconds"] == 1800
+    assert spec == PoolBudgetSpec.model_validate(minimal).model_dump(
+        mode="json", by_alias=True, exclude_none=True
+    )
+
+
 def test_short_name_and_category_but_not_all(cluster: LocalCluster, kube_namespace: str) -> None:
     assert apply(cluster, kube_namespace, VALID).returncode == 0
 
@@ -119,7 +134,7 @@ def test_short_name_and_category_but_not_all(cluster: LocalCluster, kube_namespa
 
 @pytest.mark.parametrize(
     ("change", "messages"),
-    [pytest.param(change, messages, id=case) for case, change, messages in INVALID_SPECS],
+    [pytest.param(change, messages, id=case) for case, change, messages, _ in INVALID_SPECS],
 )
 def test_invalid_budget_is_rejected_naming_the_field(
     cluster: LocalCluster, kube_namespace: str, change: dict[str, Any], messages: list[str]
@@ -131,6 +146,15 @@ def test_invalid_budget_is_rejected_naming_the_field(
         assert message in result.stderr
     absent = cluster.kubectl("-n", kube_namespace, "get", "pbud", "shop-db", check=False)
     assert "NotFound" in absent.stderr
+
+
+@pytest.mark.parametrize("change", [pytest.param(change, id=case) for case, change in EDGE_SPECS])
+def test_the_edges_of_the_rules_are_accepted(
+    cluster: LocalCluster, kube_namespace: str, change: dict[str, Any]
+) -> None:
+    result = apply(cluster, kube_namespace, {**VALID, **change})
+
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_name_too_long_for_the_budget_label_is_rejected(
@@ -165,6 +189,14 @@ def test_explain_teaches_the_target_fields(cluster: LocalCluster) -> None:
         assert " ".join(field["description"].split()) in flat, name
     assert "deploymentName <string> -required-" in flat
     assert "Default: 1. Range: 1 to 1024." in flat  # processesPerPod
+
+
+def test_explain_says_why_pool_recycle_cannot_be_zero(cluster: LocalCluster) -> None:
+    output = cluster.kubectl("explain", "poolbudget.spec.defaults.poolRecycleSeconds").stdout
+
+    flat = " ".join(output.split())
+    assert "-1 for never. 0 is refused: SQLAlchemy would replace the connection on every checkout (no pooling)." in flat  # fmt: skip
+    assert "Rule: poolRecycleSeconds must be -1 (never) or at least 1." in flat
 
 
 STATUS: dict[str, Any] = {
@@ -250,6 +282,19 @@ def test_status_is_a_subresource(cluster: LocalCluster, kube_namespace: str) -> 
     after_spec = get(cluster, kube_namespace)
     assert after_spec["metadata"]["generation"] == generation + 1
     assert after_spec["status"] == STATUS
+
+
+def test_max_column_is_empty_until_the_database_is_read(
+    cluster: LocalCluster, kube_namespace: str
+) -> None:
+    assert apply(cluster, kube_namespace, VALID).returncode == 0
+    planned = {"peakConnections": 42, "usableConnections": 87, "headroom": 45}
+    assert patch_status(cluster, kube_namespace, planned).returncode == 0
+
+    _, row = cluster.kubectl("-n", kube_namespace, "get", "pbud").stdout.splitlines()
+
+    # No status.database yet: MAX prints nothing rather than a misleading number.
+    assert row.split()[:4] == ["shop-db", "87", "42", "45"]
 
 
 def test_status_is_validated_too(cluster: LocalCluster, kube_namespace: str) -> None:

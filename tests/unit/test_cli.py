@@ -130,6 +130,8 @@ def test_bad_input_is_one_line_and_exit_2(
         (SHOP.read_text().replace("maxPoolSize: 10", "maxPoolSize: 10\n      minPoolSize: 20"), "maxPoolSize (10) must be >= minPoolSize (20)"),
         (SHOP.read_text().replace("deploymentName: worker", "deploymentName: api"), "deploymentName 'api' appears more than once"),
         (SHOP.read_text().replace("v1alpha1", "v1"), "apiVersion: String should match pattern"),
+        (SHOP.read_text().replace("maxOverflow: 5", "maxOverflow: 5\n    poolRecycleSeconds: 0"), "spec.defaults.poolRecycleSeconds: poolRecycleSeconds must be -1 (never) or at least 1"),
+        (SHOP.read_text().replace("deploymentName: worker", "deploymentName: " + "w" * 246), "spec.targets[1]: deploymentName longer than 245 characters makes the default ConfigMap name"),
     ],
 )  # fmt: skip
 def test_bad_files_name_the_field(

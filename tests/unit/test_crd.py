@@ -29,10 +29,19 @@ from pydantic_core import PydanticUndefined
 
 from poolbudget.adapters.postgres import DatabaseAuthError
 from poolbudget.api.crd import render
-from poolbudget.api.v1alpha1 import GROUP, KIND, PLURAL, VERSION, PoolBudgetSpec
+from poolbudget.api.v1alpha1 import (
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    PoolBudgetSpec,
+    Target,
+    describe_validation_error,
+)
 from poolbudget.domain.conditions import ConditionType
+from poolbudget.domain.rendering import application_name, render_env
 from poolbudget.domain.rollout import TargetPhase
-from poolbudget.domain.sizing import Verdict
+from poolbudget.domain.sizing import Allocation, Verdict
 from tests.unit.test_reconcile import DSN, FakeConfigMap, FakeProber, World
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,8 +255,9 @@ def test_api_server_defaulting_gives_what_pydantic_defaults_give(
 # --------------------------------------------------------------------------- invalid specs
 
 # A valid spec, and changes to it that must be refused. tests/cluster/test_crd_api.py checks
-# the API server refuses each with these messages; here, that the pydantic models (what
-# `poolbudget plan` and the operator validate with) refuse the same specs.
+# the API server refuses each with its messages; here, that the pydantic models (what
+# `poolbudget plan` and the operator validate with) refuse the same specs with a one-line
+# error that names the field.
 VALID: dict[str, Any] = {
     "database": {"maxConnectionsOverride": 200},
     "targets": [{"deploymentName": "api", "processesPerPod": 4}],
@@ -258,55 +268,127 @@ def targets(*entries: dict[str, Any]) -> dict[str, Any]:
     return {"targets": list(entries)}
 
 
-# (case, spec overrides on top of VALID, what the API server's message must contain)
+def secret_key(key: str, name: str = "shop-db") -> dict[str, Any]:
+    return {"database": {"connectionSecretRef": {"name": name, "key": key}}}
+
+
+LONG_NAME_RULE = "makes the default ConfigMap name <deploymentName>-db-pool longer than 253: set configMapName"  # fmt: skip
+
+# (case, spec overrides on top of VALID, what the API server's message must contain,
+#  what `poolbudget plan`'s one-line error must contain)
 INVALID_SPECS = [
     ("min-above-max", targets({"deploymentName": "api", "minPoolSize": 5, "maxPoolSize": 2}),
-     ["spec.targets[0].maxPoolSize: Invalid value", "maxPoolSize must be >= minPoolSize"]),
+     ["spec.targets[0].maxPoolSize: Invalid value", "maxPoolSize must be >= minPoolSize"],
+     "targets[0]: maxPoolSize (2) must be >= minPoolSize (5)"),
     ("duplicate-deployment", targets({"deploymentName": "api"}, {"deploymentName": "api"}),
-     ['spec.targets[1]: Duplicate value: {"deploymentName":"api"}']),
+     ['spec.targets[1]: Duplicate value: {"deploymentName":"api"}'],
+     "targets: deploymentName 'api' appears more than once"),
     ("duplicate-configmap", targets({"deploymentName": "api"}, {"deploymentName": "web", "configMapName": "api-db-pool"}),
-     ["spec.targets: Invalid value", "each target needs its own configMapName"]),
+     ["spec.targets: Invalid value", "each target needs its own configMapName"],
+     "targets: configMapName 'api-db-pool' appears more than once"),
+    ("duplicate-explicit-configmap", targets({"deploymentName": "a", "configMapName": "x"}, {"deploymentName": "b", "configMapName": "x"}),
+     ["spec.targets: Invalid value", "each target needs its own configMapName"],
+     "targets: configMapName 'x' appears more than once"),
     ("negative-reserved", {"reservedConnections": -1},
-     ["spec.reservedConnections: Invalid value: -1", "should be greater than or equal to 0"]),
+     ["spec.reservedConnections: Invalid value: -1", "should be greater than or equal to 0"],
+     "reservedConnections: Input should be greater than or equal to 0"),
     ("unknown-pooling", {"pooling": "PgBouncerSession"},
-     ['spec.pooling: Unsupported value: "PgBouncerSession": supported values: "Direct", "PgBouncerTransaction"']),
+     ['spec.pooling: Unsupported value: "PgBouncerSession": supported values: "Direct", "PgBouncerTransaction"'],
+     "pooling: Input should be 'Direct' or 'PgBouncerTransaction'"),
     ("no-database-source", {"database": {"refreshSeconds": 30}},
-     ["spec.database: Invalid value", "set connectionSecretRef or maxConnectionsOverride"]),
+     ["spec.database: Invalid value", "set connectionSecretRef or maxConnectionsOverride"],
+     "database: set connectionSecretRef or maxConnectionsOverride"),
     ("unknown-field", targets({"deploymentName": "api", "wieght": 2}),
-     ['strict decoding error: unknown field "spec.targets[0].wieght"']),
+     ['strict decoding error: unknown field "spec.targets[0].wieght"'],
+     "targets[0].wieght: unknown field"),
     ("bad-deployment-name", targets({"deploymentName": "API_v2"}),
-     ["spec.targets[0].deploymentName: Invalid value: \"API_v2\"", "should match"]),
+     ["spec.targets[0].deploymentName: Invalid value: \"API_v2\"", "should match"],
+     "targets[0].deploymentName: String should match pattern"),
     ("zero-pool-timeout", {"defaults": {"poolTimeoutSeconds": 0}},
-     ["spec.defaults.poolTimeoutSeconds: Invalid value: 0", "should be greater than 0"]),
+     ["spec.defaults.poolTimeoutSeconds: Invalid value: 0", "should be greater than 0"],
+     "defaults.poolTimeoutSeconds: Input should be greater than 0"),
     ("no-targets", {"targets": []},
-     ["spec.targets: Invalid value", "should have at least 1 items"]),
+     ["spec.targets: Invalid value", "should have at least 1 items"],
+     "targets: Tuple should have at least 1 item"),
     ("too-many-targets", targets(*({"deploymentName": f"d{i}"} for i in range(101))),
-     ["spec.targets: Too many: 101: must have at most 100 items"]),
+     ["spec.targets: Too many: 101: must have at most 100 items"],
+     "targets: Tuple should have at most 100 items"),
+    # 0 is SQLAlchemy's "recycle on every checkout": no pooling at all.
+    ("zero-pool-recycle", {"defaults": {"poolRecycleSeconds": 0}},
+     ["spec.defaults.poolRecycleSeconds: Invalid value", "poolRecycleSeconds must be -1 (never) or at least 1"],
+     "defaults.poolRecycleSeconds: poolRecycleSeconds must be -1 (never) or at least 1"),
+    ("pool-recycle-below-never", {"defaults": {"poolRecycleSeconds": -2}},
+     ["spec.defaults.poolRecycleSeconds: Invalid value: -2", "should be greater than or equal to -1"],
+     "defaults.poolRecycleSeconds: Input should be greater than or equal to -1"),
+    ("default-configmap-name-too-long", targets({"deploymentName": "a" * 246}),
+     ["spec.targets[0].deploymentName: Invalid value", LONG_NAME_RULE],
+     "targets[0]: deploymentName longer than 245 characters " + LONG_NAME_RULE),
+    ("bad-secret-key", secret_key("dsn/url"),
+     ['spec.database.connectionSecretRef.key: Invalid value: "dsn/url"', "should match '^[-._a-zA-Z0-9]+$'"],
+     "database.connectionSecretRef.key: String should match pattern '^[-._a-zA-Z0-9]+$'"),
+    ("secret-key-too-long", secret_key("k" * 254),
+     ["spec.database.connectionSecretRef.key: Too long: may not be more than 253"],
+     "database.connectionSecretRef.key: String should have at most 253 characters"),
+    ("bad-secret-name", secret_key("dsn", name="Shop_DB"),
+     ['spec.database.connectionSecretRef.name: Invalid value: "Shop_DB"', "should match"],
+     "database.connectionSecretRef.name: String should match pattern"),
+    ("non-ascii-application-name", targets({"deploymentName": "api", "applicationName": "caf\u00e9"}),
+     ["spec.targets[0].applicationName: Invalid value", "should match '^[ -~]*$'"],
+     "targets[0].applicationName: String should match pattern '^[ -~]*$'"),
+    ("application-name-too-long", targets({"deploymentName": "api", "applicationName": "a" * 64}),
+     ["spec.targets[0].applicationName: Too long: may not be more than 63"],
+     "targets[0].applicationName: String should have at most 63 characters"),
+]  # fmt: skip
+
+# Specs at the edge of each rule above that both the models and the API server accept.
+EDGE_SPECS = [
+    ("pool-recycle-never", {"defaults": {"poolRecycleSeconds": -1}}),
+    ("pool-recycle-one-second", {"defaults": {"poolRecycleSeconds": 1}}),
+    ("longest-deployment-name-with-default-configmap", targets({"deploymentName": "a" * 245})),
+    ("longest-deployment-name-with-configmap-name", targets({"deploymentName": "a" * 253, "configMapName": "api-db-pool"})),
+    ("secret-key-with-dots-dashes-underscores", secret_key("tls.DSN_primary-1")),
+    ("printable-ascii-application-name", targets({"deploymentName": "api", "applicationName": " shop api: v2 ~" + "x" * 48})),
 ]  # fmt: skip
 
 
-# The CRD's CEL rule on spec.database has no pydantic counterpart yet: `poolbudget plan`
-# accepts a database with neither source (reported; reconcile.py asserts it cannot happen).
-PYDANTIC_GAPS: set[str] = set()  # cases the CRD rejects but pydantic does not (none now)
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        pytest.param(
-            change,
-            id=case,
-            marks=[pytest.mark.xfail(strict=True, reason="no pydantic validator yet")]
-            if case in PYDANTIC_GAPS
-            else [],
-        )
-        for case, change, _ in INVALID_SPECS
-    ],
-)
-def test_the_models_refuse_what_the_api_server_refuses(change: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("change", "message"), [pytest.param(c, m, id=case) for case, c, _, m in INVALID_SPECS])  # fmt: skip
+def test_the_models_refuse_what_the_api_server_refuses(
+    change: dict[str, Any], message: str
+) -> None:
     PoolBudgetSpec.model_validate(VALID)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError) as caught:
         PoolBudgetSpec.model_validate({**VALID, **change})
+    described = describe_validation_error(caught.value)
+    assert described.startswith(message), described
+    assert "\n" not in described
+
+
+@pytest.mark.parametrize("change", [pytest.param(c, id=case) for case, c in EDGE_SPECS])
+def test_the_models_accept_the_edges_of_the_rules(change: dict[str, Any]) -> None:
+    PoolBudgetSpec.model_validate({**VALID, **change})
+
+
+# --------------------------------------------------------------------------- application_name
+
+
+def test_default_application_name_is_the_deployment_name_cut_to_63() -> None:
+    """PostgreSQL keeps 63 bytes of application_name: the ConfigMap says what it will show."""
+    long = "a" * 60 + "-web-frontend"
+    assert application_name(Target(deployment_name="api")) == "api"
+    assert application_name(Target(deployment_name=long)) == long[:63]
+    assert len(application_name(Target(deployment_name="d" * 245))) == 63
+    explicit = Target(deployment_name=long, application_name="shop api")
+    assert application_name(explicit) == "shop api"
+
+
+def test_the_configmap_carries_the_cut_application_name() -> None:
+    spec = PoolBudgetSpec.model_validate({**VALID, **targets({"deploymentName": "a" * 100})})
+    allocation = Allocation(
+        name="a" * 100, pods=1, workers=4, weight=1, pool_size=42, max_overflow=5,
+        requested_max_overflow=5, at_max_pool_size=False,
+    )  # fmt: skip
+    env = render_env(spec, spec.targets[0], allocation)
+    assert env["DB_APPLICATION_NAME"] == "a" * 63
 
 
 # --------------------------------------------------------------------------- documentation
@@ -355,7 +437,13 @@ def test_the_rules_a_schema_alone_cannot_state(root: Schema, spec_schema: Schema
         "has(self.connectionSecretRef) || has(self.maxConnectionsOverride)"
     ]
     assert _rules(props["targets"]["items"]) == [
-        "!has(self.maxPoolSize) || self.minPoolSize <= self.maxPoolSize"
+        "!has(self.maxPoolSize) || self.minPoolSize <= self.maxPoolSize",
+        # 245 + len("-db-pool") = 253, the longest object name.
+        "has(self.configMapName) || size(self.deploymentName) <= 245",
+    ]
+    # ge=-1 lets 0 through; SQLAlchemy reads it as "recycle on every checkout".
+    assert _rules(props["defaults"]["properties"]["poolRecycleSeconds"]) == [
+        "self == -1 || self >= 1"
     ]
     # deploymentName unique: the list is a map keyed by it, so the API server itself says
     # "Duplicate value" at the repeated index (and server-side apply merges per target).

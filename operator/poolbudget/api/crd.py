@@ -23,10 +23,12 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from poolbudget.api.v1alpha1 import (
+    DATA_KEY_PATTERN,
     DNS1123_SUBDOMAIN,
     GROUP,
     KIND,
     PLURAL,
+    PRINTABLE_ASCII,
     VERSION,
     PoolBudgetSpec,
 )
@@ -110,6 +112,15 @@ def _literal(value: Any) -> str:
     return str(value)
 
 
+PATTERN_SENTENCES = {
+    DNS1123_SUBDOMAIN: (
+        "A Kubernetes object name (DNS-1123 subdomain: lowercase letters, digits, '-' and '.')."
+    ),
+    DATA_KEY_PATTERN: "A Secret data key: letters, digits, '-', '_' and '.'.",
+    PRINTABLE_ASCII: "Printable ASCII only (PostgreSQL shows any other character as '?').",
+}
+
+
 def _usage(schema: dict[str, Any], *, required: bool) -> str:
     """What `kubectl explain` does not show by itself: default, bounds, length, format.
 
@@ -143,10 +154,10 @@ def _usage(schema: dict[str, Any], *, required: bool) -> str:
             parts.append(
                 "Range: " + ", ".join(t for t in (low_text, high_text) if t is not None) + "."
             )
-    if schema.get("pattern") == DNS1123_SUBDOMAIN:
-        parts.append(
-            "A Kubernetes object name (DNS-1123 subdomain: lowercase letters, digits, '-' and '.')."
-        )
+    if "pattern" in schema:
+        # `kubectl explain` does not print patterns; say what they allow in words (a new
+        # pattern without a sentence in PATTERN_SENTENCES fails generation, on purpose).
+        parts.append(PATTERN_SENTENCES[schema["pattern"]])
     unit = "items" if schema.get("type") == "array" else "characters"
     low_length = schema.get("minItems", schema.get("minLength"))
     high_length = schema.get("maxItems", schema.get("maxLength"))

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 GROUP = "poolbudget.dev"
@@ -21,6 +28,17 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # DNS-1123 subdomain, which is what Deployment and ConfigMap names must be.
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+MAX_OBJECT_NAME_LENGTH = 253
+# A key of a Secret's (or ConfigMap's) data, as the API server checks it (IsConfigMapKey).
+DATA_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+# PostgreSQL keeps application_name as printable ASCII (anything else becomes '?'), at most
+# NAMEDATALEN - 1 = 63 bytes; ASCII makes characters and bytes the same count.
+PRINTABLE_ASCII = r"^[ -~]*$"
+MAX_APPLICATION_NAME_LENGTH = 63
+
+DEFAULT_CONFIGMAP_SUFFIX = "-db-pool"
+# Longest deploymentName whose default ConfigMap name is still a valid object name.
+MAX_DEPLOYMENT_NAME_FOR_DEFAULT_CONFIGMAP = MAX_OBJECT_NAME_LENGTH - len(DEFAULT_CONFIGMAP_SUFFIX)
 
 
 class CamelModel(BaseModel):
@@ -57,7 +75,7 @@ class SecretKeyRef(CamelModel):
 
     name: str = Field(
         min_length=1,
-        max_length=253,
+        max_length=MAX_OBJECT_NAME_LENGTH,
         pattern=DNS1123_SUBDOMAIN,
         description="Name of the Secret, in the PoolBudget's namespace.",
     )
@@ -65,6 +83,7 @@ class SecretKeyRef(CamelModel):
         default="dsn",
         min_length=1,
         max_length=253,
+        pattern=DATA_KEY_PATTERN,
         description="Key in the Secret whose value is the DSN.",
     )
 
@@ -118,6 +137,9 @@ class DatabaseSpec(CamelModel):
         return self
 
 
+POOL_RECYCLE_MESSAGE = "poolRecycleSeconds must be -1 (never) or at least 1"
+
+
 class PoolDefaults(CamelModel):
     """SQLAlchemy/asyncpg settings written into every target's ConfigMap."""
 
@@ -140,7 +162,15 @@ class PoolDefaults(CamelModel):
         default=1800,
         ge=-1,
         le=86400,
-        description="pool_recycle: seconds before a connection is replaced; -1 never.",
+        description=(
+            "pool_recycle: seconds before a connection is replaced, -1 for never. 0 is "
+            "refused: SQLAlchemy would replace the connection on every checkout (no pooling)."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == -1 || self >= 1", "message": POOL_RECYCLE_MESSAGE}
+            ]
+        },
     )
     pool_pre_ping: bool = Field(
         default=True,
@@ -167,6 +197,21 @@ class PoolDefaults(CamelModel):
         description="asyncpg command_timeout: client-side limit per query, in seconds.",
     )
 
+    @field_validator("pool_recycle_seconds")
+    @classmethod
+    def _recycle_not_every_checkout(cls, value: int) -> int:
+        # The CRD's CEL rule says the same; ge=-1 alone would let 0 through.
+        if value == 0:
+            raise ValueError(POOL_RECYCLE_MESSAGE)
+        return value
+
+
+LONG_DEPLOYMENT_NAME_MESSAGE = (
+    f"deploymentName longer than {MAX_DEPLOYMENT_NAME_FOR_DEFAULT_CONFIGMAP} characters "
+    f"makes the default ConfigMap name <deploymentName>{DEFAULT_CONFIGMAP_SUFFIX} longer "
+    f"than {MAX_OBJECT_NAME_LENGTH}: set configMapName"
+)
+
 
 class Target(CamelModel):
     """A Deployment whose pods get pool settings from this budget."""
@@ -178,16 +223,26 @@ class Target(CamelModel):
                     "rule": "!has(self.maxPoolSize) || self.minPoolSize <= self.maxPoolSize",
                     "message": "maxPoolSize must be >= minPoolSize",
                     "fieldPath": ".maxPoolSize",
-                }
+                },
+                {
+                    "rule": "has(self.configMapName) || size(self.deploymentName) <= "
+                    f"{MAX_DEPLOYMENT_NAME_FOR_DEFAULT_CONFIGMAP}",
+                    "message": LONG_DEPLOYMENT_NAME_MESSAGE,
+                    "fieldPath": ".deploymentName",
+                },
             ]
         }
     )
 
     deployment_name: str = Field(
         min_length=1,
-        max_length=253,
+        max_length=MAX_OBJECT_NAME_LENGTH,
         pattern=DNS1123_SUBDOMAIN,
-        description="Name of a Deployment in the PoolBudget's namespace.",
+        description=(
+            "Name of a Deployment in the PoolBudget's namespace. Without configMapName, at "
+            f"most {MAX_DEPLOYMENT_NAME_FOR_DEFAULT_CONFIGMAP} characters (room for the "
+            f"{DEFAULT_CONFIGMAP_SUFFIX} suffix)."
+        ),
     )
     processes_per_pod: int = Field(
         default=1,
@@ -228,14 +283,18 @@ class Target(CamelModel):
     config_map_name: str | None = Field(
         default=None,
         min_length=1,
-        max_length=253,
+        max_length=MAX_OBJECT_NAME_LENGTH,
         pattern=DNS1123_SUBDOMAIN,
-        description="ConfigMap to write; default <deploymentName>-db-pool.",
+        description=f"ConfigMap to write; default <deploymentName>{DEFAULT_CONFIGMAP_SUFFIX}.",
     )
     application_name: str | None = Field(
         default=None,
-        max_length=63,
-        description="PostgreSQL application_name for the connections; default the Deployment name.",
+        max_length=MAX_APPLICATION_NAME_LENGTH,
+        pattern=PRINTABLE_ASCII,
+        description=(
+            "PostgreSQL application_name for the connections; default the Deployment name "
+            f"(its first {MAX_APPLICATION_NAME_LENGTH} characters)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -246,9 +305,19 @@ class Target(CamelModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _default_config_map_name_fits(self) -> Target:
+        # The CRD's CEL rule on the target says the same.
+        if (
+            self.config_map_name is None
+            and len(self.deployment_name) > MAX_DEPLOYMENT_NAME_FOR_DEFAULT_CONFIGMAP
+        ):
+            raise ValueError(LONG_DEPLOYMENT_NAME_MESSAGE)
+        return self
+
     @property
     def resolved_config_map_name(self) -> str:
-        return self.config_map_name or f"{self.deployment_name}-db-pool"
+        return self.config_map_name or f"{self.deployment_name}{DEFAULT_CONFIGMAP_SUFFIX}"
 
 
 class RolloutSpec(CamelModel):
@@ -275,7 +344,11 @@ class RolloutSpec(CamelModel):
     )
 
 
-_CONFIGMAP_OF = "(has({0}.configMapName) ? {0}.configMapName : {0}.deploymentName + '-db-pool')"
+_CONFIGMAP_OF = (
+    "(has({0}.configMapName) ? {0}.configMapName : {0}.deploymentName + '"
+    + DEFAULT_CONFIGMAP_SUFFIX
+    + "')"
+)
 
 
 class PoolBudgetSpec(CamelModel):

@@ -6,7 +6,12 @@ import hashlib
 import json
 from collections.abc import Mapping
 
-from poolbudget.api.v1alpha1 import PoolBudgetSpec, Pooling, Target
+from poolbudget.api.v1alpha1 import (
+    MAX_APPLICATION_NAME_LENGTH,
+    PoolBudgetSpec,
+    Pooling,
+    Target,
+)
 from poolbudget.client import engine_kwargs_from_env
 from poolbudget.domain.sizing import Allocation
 
@@ -44,8 +49,18 @@ def render_env(spec: PoolBudgetSpec, target: Target, allocation: Allocation) -> 
         ),
         "DB_COMMAND_TIMEOUT": _number(defaults.command_timeout_seconds),
         "DB_STATEMENT_CACHE_SIZE": str(statement_cache),
-        "DB_APPLICATION_NAME": target.application_name or target.deployment_name,
+        "DB_APPLICATION_NAME": application_name(target),
     }
+
+
+def application_name(target: Target) -> str:
+    """applicationName, else the Deployment name cut to what PostgreSQL keeps.
+
+    PostgreSQL keeps at most 63 bytes of application_name; cutting the default here makes
+    the ConfigMap say what pg_stat_activity will show. Deployment names are ASCII, so 63
+    characters are 63 bytes. (An explicit applicationName is validated to fit.)
+    """
+    return target.application_name or target.deployment_name[:MAX_APPLICATION_NAME_LENGTH]
 
 
 def render_configmap_data(
