@@ -8,6 +8,9 @@ How the pieces fit:
   spec) or until the database's limits are due for a re-read (`refreshSeconds`).
 * Events that change nothing relevant (status heartbeats, labels) wake nobody: the slim
   views the indexes keep are compared, and only a difference wakes the budgets concerned.
+* Every handler is `async def`, even those that never await: Kopf runs plain functions in
+  a thread pool, where setting an asyncio.Event is not thread-safe (a wake-up could sit
+  unseen until the loop woke for something else), and each event paid a thread hop.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.probe(id="budgets")
-def probe_budgets(memo: kopf.Memo, **_: Any) -> int:
+async def probe_budgets(memo: kopf.Memo, **_: Any) -> int:
     return len(_runtime(memo).memories)
 
 
@@ -108,20 +111,20 @@ def probe_budgets(memo: kopf.Memo, **_: Any) -> int:
 
 
 @kopf.index("apps", "v1", "deployments")
-def deployment_index(
+async def deployment_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[Key, DeploymentState]:
     return {(_ns(namespace), name): deployment_state(body)}
 
 
 @kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
-def hpa_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Key, int]:
+async def hpa_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Key, int]:
     target = hpa_target(body)
     return {} if target is None else {(_ns(namespace), target[0]): target[1]}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def claim_index(
+async def claim_index(
     namespace: str | None, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
 ) -> dict[Key, tuple[str, str]]:
     created = str(meta.get("creationTimestamp") or "")
@@ -134,7 +137,7 @@ def claim_index(
 
 
 @kopf.on.event("apps", "v1", "deployments")
-def deployment_changed(
+async def deployment_changed(
     type: str,
     namespace: str | None,
     name: str,
@@ -157,7 +160,7 @@ def deployment_changed(
 
 
 @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers")
-def hpa_changed(
+async def hpa_changed(
     type: str,
     namespace: str | None,
     name: str,
@@ -180,7 +183,7 @@ def hpa_changed(
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def budget_changed(
+async def budget_changed(
     type: str, namespace: str | None, name: str, meta: kopf.Meta, memo: kopf.Memo, **_: Any
 ) -> None:
     """Wake the budget when its spec changes (our own status patches do not bump generation)."""
