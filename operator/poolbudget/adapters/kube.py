@@ -29,6 +29,11 @@ from poolbudget.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 FIELD_MANAGER = "poolbudget-operator"
 CONFLICT_RETRIES = 5
+# Requests in flight at once. Hundreds of budgets reconciling together (a restart) would
+# otherwise fire thousands of requests at httpx's pool of 100 connections, and those that
+# wait more than its 10 s pool timeout fail (seen at 500 budgets: 1,327 failed reconciles).
+# Queued here, they only wait; below the pool size, the pool never times out.
+MAX_IN_FLIGHT = 32
 
 PoolBudgetResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
 
@@ -73,6 +78,7 @@ class KubeGateway:
 
     def __init__(self, client: AsyncClient | None = None) -> None:
         self._client = client or AsyncClient(field_manager=FIELD_MANAGER)
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def close(self) -> None:
         await self._client.close()
@@ -80,7 +86,8 @@ class KubeGateway:
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str:
         what = f"Secret {namespace}/{name}"
         try:
-            secret = await self._client.get(Secret, name, namespace=namespace)
+            async with self._in_flight:
+                secret = await self._client.get(Secret, name, namespace=namespace)
         except ApiError as exc:
             raise _translate(exc, what) from None
         except httpx2.HTTPError as exc:
@@ -99,7 +106,8 @@ class KubeGateway:
 
     async def read_configmap(self, namespace: str, name: str) -> ConfigMapView | None:
         try:
-            configmap = await self._client.get(ConfigMap, name, namespace=namespace)
+            async with self._in_flight:
+                configmap = await self._client.get(ConfigMap, name, namespace=namespace)
         except ApiError as exc:
             if exc.status.code == 404:
                 return None
@@ -204,7 +212,8 @@ class KubeGateway:
         for attempt in range(CONFLICT_RETRIES):
             metrics.API_WRITES.labels(kind=kind, namespace=namespace).inc()
             try:
-                await call()
+                async with self._in_flight:
+                    await call()
                 return
             except ApiError as exc:
                 if exc.status.code == 409 and attempt + 1 < CONFLICT_RETRIES:
