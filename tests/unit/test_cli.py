@@ -145,6 +145,22 @@ def test_bad_files_name_the_field(
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_bad_target_is_one_error_not_two(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Pydantic also reports the target list as too short once the bad item is left out;
+    that echo is not a second mistake and must not be counted as one."""
+    path = tmp_path / "budget.yaml"
+    path.write_text(SHOP.read_text().replace("processesPerPod: 4", "processesPerPod: -4"))
+    _, _, err = run(capsys, "plan", "-f", str(path), "--max-connections", "100")
+    assert "more)" not in err, err
+    path.write_text(
+        SHOP.read_text().replace("processesPerPod: 4", "processesPerPod: -4\n      wieght: 1")
+    )
+    _, _, err = run(capsys, "plan", "-f", str(path), "--max-connections", "100")
+    assert "(and 1 more)" in err, err  # two real mistakes are still counted
+
+
 def test_console_script_is_installed() -> None:
     """The `poolbudget` entry point works as a real process, as users run it."""
     script = Path(sys.executable).parent / "poolbudget"

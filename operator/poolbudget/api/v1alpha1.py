@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import ErrorDetails
 
 GROUP = "poolbudget.dev"
 VERSION = "v1alpha1"
@@ -438,7 +439,8 @@ class PoolBudget(CamelModel):
 
 def describe_validation_error(exc: ValidationError) -> str:
     """The first error as `field.path: message`, in the CRD's camelCase field names."""
-    error = exc.errors()[0]
+    errors = _causes(exc.errors())
+    error = errors[0]
     location = ""
     for part in error["loc"]:
         location += f"[{part}]" if isinstance(part, int) else (f".{part}" if location else part)
@@ -446,5 +448,19 @@ def describe_validation_error(exc: ValidationError) -> str:
     if error["type"] == "extra_forbidden":
         message = "unknown field"
     message = message.removeprefix("Value error, ")
-    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{location}: {message}{extra}" if location else f"{message}{extra}"
+
+
+def _causes(errors: list[ErrorDetails]) -> list[ErrorDetails]:
+    """Drop the echo pydantic adds when a list item fails: the item is left out, and the
+    list is then reported `too_short` too, although the item is the only thing wrong."""
+    causes = [
+        e
+        for e in errors
+        if not (
+            e["type"] == "too_short"
+            and any(o is not e and o["loc"][: len(e["loc"])] == e["loc"] for o in errors)
+        )
+    ]
+    return causes or errors
