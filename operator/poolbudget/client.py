@@ -72,6 +72,13 @@ def _int(env: Mapping[str, str], key: str, minimum: int) -> int:
     return value
 
 
+def _recycle(value: int, key: str) -> int:
+    """-1 (never) or whole seconds >= 1: 0 would replace the connection on every checkout."""
+    if value == 0:
+        raise PoolConfigError(f"{key}: must be -1 (never) or >= 1, got 0")
+    return value
+
+
 def _float(env: Mapping[str, str], key: str) -> float:
     text = env[key].strip()
     if not _DECIMAL.fullmatch(text):  # no "inf", "nan" or exponents
@@ -114,7 +121,7 @@ def engine_kwargs_from_env(env: Mapping[str, str] | None = None) -> dict[str, An
         "pool_size": _int(source, "DB_POOL_SIZE", 1),  # 0 would mean "no limit" to SQLAlchemy
         "max_overflow": _int(source, "DB_MAX_OVERFLOW", 0),
         "pool_timeout": _float(source, "DB_POOL_TIMEOUT"),
-        "pool_recycle": _int(source, "DB_POOL_RECYCLE", -1),
+        "pool_recycle": _recycle(_int(source, "DB_POOL_RECYCLE", -1), "DB_POOL_RECYCLE"),
         "pool_pre_ping": _bool(source, "DB_POOL_PRE_PING"),
         "connect_args": {
             "server_settings": server_settings,
@@ -139,7 +146,10 @@ _FILE_KEYS: dict[str, tuple[Callable[[object], bool], str]] = {
     "pool_size": (_whole(1), "a whole number >= 1"),
     "max_overflow": (_whole(0), "a whole number >= 0"),
     "pool_timeout": (_positive, "a number > 0"),
-    "pool_recycle": (_whole(-1), "a whole number >= -1"),
+    "pool_recycle": (
+        lambda v: _whole(-1)(v) and v != 0,
+        "-1 (never) or a whole number >= 1",
+    ),
     "pool_pre_ping": (lambda v: isinstance(v, bool), "true or false"),
     "connect_args": (lambda v: isinstance(v, dict), "an object"),
 }

@@ -148,6 +148,7 @@ def test_keys_a_newer_operator_adds_pass_through(tmp_path: Path) -> None:
         ({"DB_MAX_OVERFLOW": "five"}, "DB_MAX_OVERFLOW: expected a whole number, got 'five'"),
         ({"DB_MAX_OVERFLOW": "-1"}, "DB_MAX_OVERFLOW: must be >= 0"),
         ({"DB_POOL_RECYCLE": "-2"}, "DB_POOL_RECYCLE: must be >= -1"),
+        ({"DB_POOL_RECYCLE": "0"}, "DB_POOL_RECYCLE: must be -1 (never) or >= 1, got 0"),
         ({"DB_POOL_PRE_PING": "maybe"}, "DB_POOL_PRE_PING: expected true or false"),
         ({"DB_POOL_TIMEOUT": "-1"}, "DB_POOL_TIMEOUT: expected a decimal number"),
         ({"DB_POOL_TIMEOUT": "0"}, "DB_POOL_TIMEOUT: must be > 0"),
@@ -197,6 +198,10 @@ def _file_with(change: dict[str, Any]) -> str:
         (_file_with({"pool_size": True}), "pool_size: expected a whole number >= 1, got True"),
         (_file_with({"max_overflow": "3"}), "max_overflow: expected a whole number >= 0, got '3'"),
         (_file_with({"pool_timeout": 0}), "pool_timeout: expected a number > 0"),
+        (
+            _file_with({"pool_recycle": 0}),
+            "pool_recycle: expected -1 (never) or a whole number >= 1",
+        ),
         (_file_with({"pool_pre_ping": "true"}), "pool_pre_ping: expected true or false"),
         (_file_with({"connect_args": []}), "connect_args: expected an object"),
         (
