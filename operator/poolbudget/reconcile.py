@@ -664,18 +664,20 @@ class Reconciler:
             namespace=budget.namespace, poolbudget=budget.name, outcome=outcome
         ).inc()
         written = False
-        if _comparable(status) != _comparable(previous):
+        changed = status_changes(previous, status)
+        if changed:
             await self.kube.patch_budget_status(budget.namespace, budget.name, status)
             written = True
             memory.last_status = status
             logger.info(
-                "%s/%s: %s; %s",
+                "%s/%s: %s; %s; changed: %s",
                 budget.namespace,
                 budget.name,
                 outcome,
                 "; ".join(
                     f"{c['type']}={c['status']} ({c['reason']})" for c in status["conditions"]
                 ),
+                ", ".join(changed),
             )
         return Outcome(next_check_seconds=next_check, status=status, status_written=written)
 
@@ -727,6 +729,31 @@ class Reconciler:
             metrics.POOL_SIZE.labels(**target_labels).set(allocation.pool_size)
             metrics.MAX_OVERFLOW.labels(**target_labels).set(allocation.max_overflow)
             metrics.TARGET_PEAK.labels(**target_labels).set(allocation.peak_connections)
+
+
+def status_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """What differs, as field paths (`allocations[api].state`, `conditions[Ready]`), ignoring
+    what changes without anything happening. Empty: nothing to write. The log line of each
+    status write names them, so write churn can be traced to its cause."""
+    old, new = _comparable(before), _comparable(after)
+    changes: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        by = {"allocations": "deploymentName", "conditions": "type"}.get(key)
+        if by is None or not isinstance(old.get(key), list) or not isinstance(new.get(key), list):
+            changes.append(key)
+            continue
+        old_items = {str(i.get(by)): i for i in old[key] if isinstance(i, Mapping)}
+        new_items = {str(i.get(by)): i for i in new[key] if isinstance(i, Mapping)}
+        for item in sorted(set(old_items) | set(new_items)):
+            a, b = old_items.get(item, {}), new_items.get(item, {})
+            fields = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+            if fields:
+                changes.append(f"{key}[{item}]." + "/".join(fields))
+        if not changes or not changes[-1].startswith(key):
+            changes.append(key)  # same items, other order
+    return changes
 
 
 def _comparable(status: Mapping[str, Any]) -> dict[str, Any]:

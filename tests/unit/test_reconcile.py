@@ -17,7 +17,7 @@ from poolbudget.adapters.kube import NotFoundError
 from poolbudget.adapters.postgres import DatabaseAuthError
 from poolbudget.domain.facts import DatabaseFacts
 from poolbudget.domain.observe import DeploymentState
-from poolbudget.reconcile import BudgetMemory, BudgetObject, Observed, Reconciler
+from poolbudget.reconcile import BudgetMemory, BudgetObject, Observed, Reconciler, status_changes
 
 DSN = "postgresql://monitor:hunter2-secret@db:5432/shop"
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -238,3 +238,39 @@ async def test_rollout_strategy_none_writes_configmaps_only(strategy: str) -> No
     assert ("configmap", "api-db-pool") in world.kube.writes
     assert not [w for w in world.kube.writes if w[0] == "restart"]
     assert world.condition("RolloutComplete")["reason"] == "RestartsDisabled"
+
+
+def test_status_changes_name_the_fields_and_ignore_volatile_ones() -> None:
+    database = {"maxConnections": 100, "connectionsInUse": 7, "observedTime": "t1"}
+    allocations = [
+        {"deploymentName": "api", "poolSize": 5, "state": "Rolling"},
+        {"deploymentName": "web", "poolSize": 2, "state": "Applied"},
+    ]
+    before: dict[str, Any] = {
+        "observedGeneration": 1,
+        "database": database,
+        "allocations": allocations,
+        "conditions": [{"type": "Ready", "status": "False", "reason": "RolloutInProgress"}],
+    }
+    # Only what changes without anything happening: nothing to write.
+    quiet = {
+        **before,
+        "database": {**database, "connectionsInUse": 9, "observedTime": "t2"},
+    }
+    assert status_changes(before, quiet) == []
+    after = {
+        **before,
+        "allocations": [
+            {"deploymentName": "api", "poolSize": 5, "state": "Applied"},
+            {"deploymentName": "web", "poolSize": 2, "state": "Applied"},
+        ],
+        "conditions": [{"type": "Ready", "status": "True", "reason": "BudgetApplied"}],
+        "headroom": 3,
+    }
+    assert status_changes(before, after) == [
+        "allocations[api].state",
+        "conditions[Ready].reason/status",
+        "headroom",
+    ]
+    reordered = {**before, "allocations": list(reversed(allocations))}
+    assert status_changes(before, reordered) == ["allocations"]
