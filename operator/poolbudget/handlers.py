@@ -1,13 +1,17 @@
 """Kopf handlers: a thin shell that observes, wakes and delegates to reconcile.py.
 
 How the pieces fit:
-* Deployments, HPAs and PoolBudgets are observed with `@kopf.index` and `@kopf.on.event`,
-  which write nothing to the objects (no Kopf annotations on user Deployments).
+* Deployments, HPAs and PoolBudget claims are cached by our own informers
+  (adapters/informer.py: list once, then watch), not by `@kopf.index`, whose start-up
+  cost grows with the square of the objects listed. They write nothing to the objects
+  (no Kopf annotations on user Deployments). Kopf itself watches PoolBudgets only.
 * Each PoolBudget has one daemon that reconciles, then sleeps until woken by a relevant
-  change (a target's replicas/strategy/hash/rollout, its HPA's maxReplicas, the budget's
-  spec) or until the database's limits are due for a re-read (`refreshSeconds`).
-* Events that change nothing relevant (status heartbeats, labels) wake nobody: the slim
-  views the indexes keep are compared, and only a difference wakes the budgets concerned.
+  change (a target's replicas/strategy/hash/rollout, its HPA's maxReplicas, a rival
+  claim, the budget's spec) or until the database's limits are due for a re-read
+  (`refreshSeconds`). Its first reconcile waits until every informer has listed, so a
+  restart never mistakes a not-yet-listed Deployment for a missing one.
+* Changes that alter nothing relevant (status heartbeats, labels) wake nobody: the
+  informers compare slim views and report only differences.
 * Every handler is `async def`, even those that never await: Kopf runs plain functions in
   a thread pool, where setting an asyncio.Event is not thread-safe (a wake-up could sit
   unseen until the loop woke for something else), and each event paid a thread hop.
@@ -17,24 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
 from poolbudget import metrics
-from poolbudget.adapters.kube import KubeGateway
+from poolbudget.adapters.informer import DeploymentResource, HpaResource, Informer
+from poolbudget.adapters.kube import KubeGateway, PoolBudgetResource
 from poolbudget.adapters.leader import LeaderElector
 from poolbudget.adapters.postgres import DatabaseProbe
 from poolbudget.api.v1alpha1 import GROUP, PLURAL, VERSION
-from poolbudget.domain.observe import DeploymentState, deployment_state, hpa_target
-from poolbudget.reconcile import BudgetMemory, BudgetObject, Key, Observed, Reconciler
+from poolbudget.domain.cluster_view import ClusterView, Key, budget_claims
+from poolbudget.domain.observe import deployment_state, hpa_target
+from poolbudget.reconcile import BudgetMemory, BudgetObject, Reconciler
 
 logger = logging.getLogger("poolbudget")
-
-# (namespace, deploymentName) -> (creationTimestamp, PoolBudget name) of every claimant
-ClaimIndex = kopf.Index[Key, tuple[str, str]]
 
 
 @dataclass
@@ -43,19 +46,60 @@ class Runtime:
 
     kube: KubeGateway
     reconciler: Reconciler
+    view: ClusterView = field(default_factory=ClusterView)
+    informers: list[Informer[Any]] = field(default_factory=list)
+    informer_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     memories: dict[Key, BudgetMemory] = field(default_factory=dict)
-    last_deployments: dict[Key, DeploymentState] = field(default_factory=dict)
-    last_hpas: dict[Key, tuple[str, int] | None] = field(default_factory=dict)
     last_generations: dict[Key, int] = field(default_factory=dict)
 
     def wakeup(self, key: Key) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
 
-    def wake_claimants(self, key: Key, claims: ClaimIndex) -> None:
-        namespace, _ = key
-        for _, budget_name in claims.get(key, []):
-            self.wakeup((namespace, budget_name)).set()
+    def wake(self, budgets: Iterable[Key]) -> None:
+        for budget in budgets:
+            self.wakeup(budget).set()
+
+    def start_informers(self, namespaces: list[str]) -> None:
+        """One informer per kind and namespace (one per kind when watching all)."""
+        client = self.kube.client
+        view = self.view
+        scopes: list[str | None] = list(namespaces) or [None]
+        for namespace in scopes:
+            self.informers += [
+                Informer(
+                    client,
+                    DeploymentResource,
+                    kind="Deployment",
+                    namespace=namespace,
+                    parse=deployment_state,
+                    on_change=lambda k, b, a: self.wake(view.deployment_changed(k, b, a)),
+                ),
+                Informer(
+                    client,
+                    HpaResource,
+                    kind="HorizontalPodAutoscaler",
+                    namespace=namespace,
+                    parse=hpa_target,
+                    on_change=lambda k, b, a: self.wake(view.hpa_changed(k, b, a)),
+                ),
+                Informer(
+                    client,
+                    PoolBudgetResource,
+                    kind="PoolBudget",
+                    namespace=namespace,
+                    parse=budget_claims,
+                    on_change=lambda k, b, a: self.wake(view.claims_changed(k, b, a)),
+                ),
+            ]
+        self.informer_tasks = [
+            asyncio.create_task(informer.run(), name=f"informer {informer.kind}")
+            for informer in self.informers
+        ]
+
+    async def synced(self) -> None:
+        for informer in self.informers:
+            await informer.synced.wait()
 
 
 def _ns(namespace: str | None) -> str:
@@ -85,9 +129,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     if isinstance(elector, LeaderElector):
         # Renew the Lease on this loop: lightkube must not run in a second thread.
         memo["lease_task"] = asyncio.create_task(elector.hold(), name="lease")
-    memo["runtime"] = Runtime(
-        kube=kube, reconciler=Reconciler(kube=kube, prober_factory=DatabaseProbe)
-    )
+    runtime = Runtime(kube=kube, reconciler=Reconciler(kube=kube, prober_factory=DatabaseProbe))
+    namespaces = memo.get("namespaces")
+    runtime.start_informers(list(namespaces) if isinstance(namespaces, list) else [])
+    memo["runtime"] = runtime
 
 
 @kopf.on.cleanup()
@@ -96,6 +141,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if isinstance(lease_task, asyncio.Task):
         lease_task.cancel()
     runtime = _runtime(memo)
+    for task in runtime.informer_tasks:
+        task.cancel()
+    await asyncio.gather(*runtime.informer_tasks, return_exceptions=True)
     for memory in runtime.memories.values():
         if memory.prober is not None:
             await memory.prober.close()
@@ -107,86 +155,15 @@ async def probe_budgets(memo: kopf.Memo, **_: Any) -> int:
     return len(_runtime(memo).memories)
 
 
-# --- observation: indexes (what is) and events (what changed) ----------------------------
-
-
-@kopf.index("apps", "v1", "deployments")
-async def deployment_index(
-    namespace: str | None, name: str, body: kopf.Body, **_: Any
-) -> dict[Key, DeploymentState]:
-    return {(_ns(namespace), name): deployment_state(body)}
-
-
-@kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
-async def hpa_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Key, int]:
-    target = hpa_target(body)
-    return {} if target is None else {(_ns(namespace), target[0]): target[1]}
-
-
-@kopf.index(GROUP, VERSION, PLURAL)
-async def claim_index(
-    namespace: str | None, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
-) -> dict[Key, tuple[str, str]]:
-    created = str(meta.get("creationTimestamp") or "")
-    targets = spec.get("targets") or []
-    return {
-        (_ns(namespace), str(t.get("deploymentName"))): (created, name)
-        for t in targets
-        if isinstance(t, Mapping) and t.get("deploymentName")
-    }
-
-
-@kopf.on.event("apps", "v1", "deployments")
-async def deployment_changed(
-    type: str,
-    namespace: str | None,
-    name: str,
-    body: kopf.Body,
-    memo: kopf.Memo,
-    claim_index: ClaimIndex | None = None,
-    **_: Any,
-) -> None:
-    runtime = _runtime(memo)
-    key = (_ns(namespace), name)
-    if type == "DELETED":
-        runtime.last_deployments.pop(key, None)
-    else:
-        state = deployment_state(body)
-        if runtime.last_deployments.get(key) == state:
-            return
-        runtime.last_deployments[key] = state
-    assert claim_index is not None  # Kopf passes every index by its function's name
-    runtime.wake_claimants(key, claim_index)
-
-
-@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers")
-async def hpa_changed(
-    type: str,
-    namespace: str | None,
-    name: str,
-    body: kopf.Body,
-    memo: kopf.Memo,
-    claim_index: ClaimIndex | None = None,
-    **_: Any,
-) -> None:
-    runtime = _runtime(memo)
-    key = (_ns(namespace), name)
-    before = runtime.last_hpas.get(key)
-    after = None if type == "DELETED" else hpa_target(body)
-    if key in runtime.last_hpas and before == after:
-        return
-    runtime.last_hpas[key] = after
-    assert claim_index is not None
-    for target in {before, after}:
-        if target is not None:
-            runtime.wake_claimants((_ns(namespace), target[0]), claim_index)
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def budget_changed(
     type: str, namespace: str | None, name: str, meta: kopf.Meta, memo: kopf.Memo, **_: Any
 ) -> None:
-    """Wake the budget when its spec changes (our own status patches do not bump generation)."""
+    """Wake the budget when its spec changes (our own status patches do not bump generation).
+
+    This rides on Kopf's watch, not the PoolBudget informer: the daemon reads its spec from
+    Kopf's body, which is fresh by the time this handler runs.
+    """
     runtime = _runtime(memo)
     key = (_ns(namespace), name)
     generation = int(meta.get("generation") or 0)
@@ -211,28 +188,24 @@ async def budget_daemon(
     body: kopf.Body,
     memo: kopf.Memo,
     logger: kopf.Logger,
-    deployment_index: kopf.Index[Key, DeploymentState] | None = None,
-    hpa_index: kopf.Index[Key, int] | None = None,
-    claim_index: ClaimIndex | None = None,
     **_: Any,
 ) -> None:
-    assert deployment_index is not None
-    assert hpa_index is not None
-    assert claim_index is not None
     runtime = _runtime(memo)
     key = (_ns(namespace), name)
     wake = runtime.wakeup(key)
     memory = runtime.memories.setdefault(key, BudgetMemory())
     try:
+        await _first_of(runtime.synced(), stopped.wait(), delay=None)
         while not stopped:
             wake.clear()
-            observed = _observe(body, key[0], deployment_index, hpa_index, claim_index)
+            created = str(body.metadata.get("creationTimestamp") or "")
+            observed = runtime.view.observe(key, created, budget_claims(body).deployments)
             budget = BudgetObject(
                 namespace=key[0],
                 name=name,
                 uid=str(body.metadata.uid),
                 generation=int(body.metadata.get("generation") or 0),
-                created=str(body.metadata.get("creationTimestamp") or ""),
+                created=created,
                 spec=dict(body.spec),
                 status=dict(body.status),
             )
@@ -243,7 +216,7 @@ async def budget_daemon(
             except Exception:  # the loop must survive anything; the next round retries
                 logger.exception("reconcile failed; retrying")
                 delay = 10.0
-            await _sleep_until_woken(wake, stopped, delay)
+            await _first_of(wake.wait(), stopped.wait(), delay=delay)
     finally:
         runtime.memories.pop(key, None)
         if memory.prober is not None:
@@ -251,37 +224,15 @@ async def budget_daemon(
         metrics.forget_budget(key[0], name)
 
 
-def _observe(
-    body: kopf.Body,
-    namespace: str,
-    deployment_index: kopf.Index[Key, DeploymentState],
-    hpa_index: kopf.Index[Key, int],
-    claim_index: ClaimIndex,
-) -> Observed:
-    """The index entries of this budget's own targets only: O(targets), not O(cluster)."""
-    keys = [
-        (namespace, str(t.get("deploymentName")))
-        for t in body.spec.get("targets") or []
-        if isinstance(t, Mapping)
-    ]
-    return Observed(
-        deployments={k: v for k in keys for v in deployment_index.get(k, [])},
-        hpa_max_replicas={k: max(hpa_index[k]) for k in keys if k in hpa_index},
-        claims={k: list(claim_index.get(k, [])) for k in keys},
-    )
+async def _first_of(*waits: Awaitable[Any], delay: float | None) -> None:
+    """Wait for whichever comes first: one of `waits`, or `delay` seconds (None: no limit).
 
-
-async def _sleep_until_woken(
-    wake: asyncio.Event, stopped: kopf.DaemonStopped, delay: float | None
-) -> None:
-    """Wait for a wake-up, the delay or the daemon's stop, whichever first.
-
-    Waiting on `stopped` too matters: a budget being deleted (its namespace terminating)
-    must stop at once, not reconcile on every wake-up until Kopf cancels it.
+    The daemon always waits on `stopped` too: a budget being deleted (its namespace
+    terminating) must stop at once, not reconcile on every wake-up until Kopf cancels it.
     """
-    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
     try:
-        await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for waiting in waits:
-            waiting.cancel()
+        for task in tasks:
+            task.cancel()

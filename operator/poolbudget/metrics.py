@@ -62,6 +62,17 @@ MAX_OVERFLOW = Gauge("poolbudget_max_overflow", "max_overflow allocated to a tar
 TARGET_PEAK = Gauge(
     "poolbudget_target_peak_connections", "Worst-case connections of one target.", TARGET
 )
+WATCH_RELISTS = Counter(
+    "poolbudget_watch_relists_total",
+    "Full LISTs by the operator's informers: one at start-up, then one per expired "
+    "resourceVersion or broken watch.",
+    ["resource"],
+)
+WATCHED_OBJECTS = Gauge(
+    "poolbudget_watched_objects",
+    "Objects held in an informer's cache (Deployments, HPAs, PoolBudgets).",
+    ["resource", "scope"],
+)
 FEASIBLE = Gauge("poolbudget_budget_feasible", "1 if the budget fits, 0 if not.", BUDGET)
 
 

@@ -57,7 +57,7 @@ def run_operator(
             peering_name=peering,
             priority=priority,
             liveness_endpoint=liveness,
-            memo=kopf.Memo(elector=elector),
+            memo=kopf.Memo(elector=elector, namespaces=namespaces),
         )
     finally:
         if elector is not None:

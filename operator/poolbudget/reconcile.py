@@ -33,6 +33,7 @@ from poolbudget.api.v1alpha1 import (
     Target,
     describe_validation_error,
 )
+from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.conditions import (
     ConditionType,
     Observation,
@@ -67,8 +68,6 @@ from poolbudget.domain.rollout import (
 from poolbudget.domain.sizing import BudgetPlan, Verdict, plan_budget
 
 logger = logging.getLogger(__name__)
-
-Key = tuple[str, str]  # (namespace, name)
 
 
 # --- what the reconciler needs from the outside world ------------------------------------
@@ -124,16 +123,6 @@ class DatabaseFailure(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What the Kopf indexes know about the cluster (slim values, never bodies)."""
-
-    deployments: Mapping[Key, DeploymentState]
-    hpa_max_replicas: Mapping[Key, int]
-    # (namespace, deploymentName) -> every (creationTimestamp, budget name) claiming it
-    claims: Mapping[Key, Sequence[tuple[str, str]]]
 
 
 @dataclass(frozen=True)

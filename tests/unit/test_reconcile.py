@@ -15,9 +15,10 @@ import pytest
 
 from poolbudget.adapters.kube import NotFoundError
 from poolbudget.adapters.postgres import DatabaseAuthError
+from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.facts import DatabaseFacts
 from poolbudget.domain.observe import DeploymentState
-from poolbudget.reconcile import BudgetMemory, BudgetObject, Observed, Reconciler, status_changes
+from poolbudget.reconcile import BudgetMemory, BudgetObject, Reconciler, status_changes
 
 DSN = "postgresql://monitor:hunter2-secret@db:5432/shop"
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

@@ -1,6 +1,6 @@
 """Slim, comparable views of Deployments and HPAs, parsed from raw API bodies.
 
-The Kopf indexes store only these (a few fields each), never whole bodies: memory at
+The informers' caches hold only these (a few fields each), never whole bodies: memory at
 thousands of Deployments depends on it, and equality of two views is how an event that
 changed nothing relevant (a status heartbeat, a label) is recognised and ignored.
 """
