@@ -241,10 +241,11 @@ def measure_noop(cluster: LocalCluster, operator: OperatorProcess, rounds: int) 
 
         wait_for(ready, timeout=60, what="the budget Ready")
 
+        # Only this namespace's writes: rollouts of the latency part may still be finishing.
         def writes_quiet(seconds: float = 3.0) -> bool:
-            before = operator.api_writes()
+            before = operator.api_writes(namespace)
             time.sleep(seconds)
-            return operator.api_writes() == before
+            return operator.api_writes(namespace) == before
 
         # The first rollout's own status updates must be over before counting.
         wait_for(writes_quiet, timeout=60, what="the operator's writes to settle")
@@ -262,7 +263,7 @@ def measure_noop(cluster: LocalCluster, operator: OperatorProcess, rounds: int) 
         def reconciled_at_least(count: float) -> bool:
             return reconciles() >= count
 
-        writes_before, reconciles_before = operator.api_writes(), reconciles()
+        writes_before, reconciles_before = operator.api_writes(namespace), reconciles()
         pids_before = database.sql(
             "SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE application_name = 'poolbudget-operator'"
         )
@@ -278,8 +279,8 @@ def measure_noop(cluster: LocalCluster, operator: OperatorProcess, rounds: int) 
         )
         result = {
             "reconciles": reconciles() - reconciles_before,
-            "api_writes": operator.api_writes() - writes_before,
-            "api_writes_per_reconcile": (operator.api_writes() - writes_before)
+            "api_writes": operator.api_writes(namespace) - writes_before,
+            "api_writes_per_reconcile": (operator.api_writes(namespace) - writes_before)
             / max(1.0, reconciles() - reconciles_before),
             "operator_db_connections_open": backend_connections(),
             # A new connection means a new backend pid; the probe keeps its one open.
