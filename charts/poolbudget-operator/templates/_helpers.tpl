@@ -42,18 +42,20 @@ What the operator does in a watched namespace, and nothing more (the chart READM
 for each line). Shared by the ClusterRole (cluster-wide) and the per-namespace Roles.
 */}}
 {{- define "poolbudget-operator.namespacedRules" -}}
+# No `get` on what is only watched: the operator's informers and Kopf list and watch, and
+# write with patch; they never read these by name.
 - apiGroups: [poolbudget.dev]
   resources: [poolbudgets]
-  verbs: [get, list, watch, patch]
+  verbs: [list, watch, patch]
 - apiGroups: [poolbudget.dev]
   resources: [poolbudgets/status]
-  verbs: [get, patch]
+  verbs: [patch]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, patch]
+  verbs: [list, watch, patch]
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
