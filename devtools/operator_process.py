@@ -6,6 +6,7 @@ loopback ports and its log captured to a file; `metrics()` parses its /metrics e
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from devtools.localcluster import _die_with_parent, free_port
 
@@ -84,6 +85,14 @@ class OperatorProcess:
                 return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
+
+    def health(self) -> dict[str, Any]:
+        """/healthz as JSON: one entry per probe (budgets, informers); Kopf caches it 10 s."""
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.health_port}/healthz", timeout=5
+        ) as response:
+            result: dict[str, Any] = json.loads(response.read())
+        return result
 
     @property
     def pid(self) -> int:

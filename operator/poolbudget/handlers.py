@@ -155,6 +155,25 @@ async def probe_budgets(memo: kopf.Memo, **_: Any) -> int:
     return len(_runtime(memo).memories)
 
 
+@kopf.on.probe(id="informers")
+async def probe_informers(memo: kopf.Memo, **_: Any) -> dict[str, int | str]:
+    return informer_health(_runtime(memo))
+
+
+def informer_health(runtime: Runtime) -> dict[str, int | str]:
+    """Objects cached per informer. An informer that stopped fails /healthz (HTTP 500), so
+    the liveness probe restarts an operator that would otherwise go blind to changes."""
+    for informer, task in zip(runtime.informers, runtime.informer_tasks, strict=True):
+        if task.done():
+            raise kopf.PermanentError(f"the {informer.kind} informer ({informer.scope}) stopped")
+    return {
+        f"{informer.kind} ({informer.scope})": len(informer.items)
+        if informer.synced.is_set()
+        else "listing"
+        for informer in runtime.informers
+    }
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def budget_changed(
     type: str, namespace: str | None, name: str, meta: kopf.Meta, memo: kopf.Memo, **_: Any

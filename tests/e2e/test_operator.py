@@ -255,3 +255,24 @@ def test_deleting_the_budget_leaves_configmaps(ns: Cluster) -> None:
     ns.kubectl("delete", "poolbudget", "shop", "--timeout=60s")
     assert ns.get("poolbudget", "shop") is None
     assert ns.configmap("api-db-pool") is not None
+
+
+def test_health_reports_what_each_informer_holds(
+    ns: Cluster, operator_process: OperatorProcess
+) -> None:
+    ns.apply(deployment("api", 2))
+    ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4}]))
+    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+
+    def counted() -> dict[str, Any] | None:
+        informers = operator_process.health().get("informers") or {}
+        held = [informers.get(f"{kind} (all namespaces)") for kind in ("Deployment", "PoolBudget")]
+        return informers if all(isinstance(n, int) and n >= 1 for n in held) else None
+
+    # Kopf caches /healthz for 10 s: a fresh operator may still answer "listing".
+    informers = wait_for(counted, timeout=30, what="/healthz to count the cached objects")
+    assert set(informers) == {
+        "Deployment (all namespaces)",
+        "HorizontalPodAutoscaler (all namespaces)",
+        "PoolBudget (all namespaces)",
+    }

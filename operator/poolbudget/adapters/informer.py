@@ -97,8 +97,12 @@ class Informer(Generic[View]):
                     _describe(exc),
                     backoff,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+            except Exception:  # a bug in a parser or callback must not end the watch for good
+                logger.exception(
+                    "%s watch (%s) failed; relisting in %.0f s", self.kind, self.scope, backoff
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def _relist(self) -> str:
         metrics.WATCH_RELISTS.labels(resource=self.kind).inc()
