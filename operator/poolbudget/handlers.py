@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,9 @@ from poolbudget.domain.observe import deployment_state, hpa_target
 from poolbudget.reconcile import BudgetMemory, BudgetObject, Reconciler
 
 logger = logging.getLogger("poolbudget")
+
+# A ClusterView method: records one change, returns the budgets to wake.
+ViewUpdate = Callable[[Key, Any, Any], set[Key]]
 
 
 @dataclass
@@ -62,40 +65,32 @@ class Runtime:
 
     def start_informers(self, namespaces: list[str]) -> None:
         """One informer per kind and namespace (one per kind when watching all)."""
-        client = self.kube.client
         view = self.view
+        kinds: list[tuple[Any, str, Callable[[Any], Any], ViewUpdate]] = [
+            (DeploymentResource, "Deployment", deployment_state, view.deployment_changed),
+            (HpaResource, "HorizontalPodAutoscaler", hpa_target, view.hpa_changed),
+            (PoolBudgetResource, "PoolBudget", budget_claims, view.claims_changed),
+        ]
         scopes: list[str | None] = list(namespaces) or [None]
         for namespace in scopes:
-            self.informers += [
-                Informer(
-                    client,
-                    DeploymentResource,
-                    kind="Deployment",
+            for resource, kind, parse, update in kinds:
+                informer: Informer[Any] = Informer(
+                    self.kube.client,
+                    resource,
+                    kind=kind,
                     namespace=namespace,
-                    parse=deployment_state,
-                    on_change=lambda k, b, a: self.wake(view.deployment_changed(k, b, a)),
-                ),
-                Informer(
-                    client,
-                    HpaResource,
-                    kind="HorizontalPodAutoscaler",
-                    namespace=namespace,
-                    parse=hpa_target,
-                    on_change=lambda k, b, a: self.wake(view.hpa_changed(k, b, a)),
-                ),
-                Informer(
-                    client,
-                    PoolBudgetResource,
-                    kind="PoolBudget",
-                    namespace=namespace,
-                    parse=budget_claims,
-                    on_change=lambda k, b, a: self.wake(view.claims_changed(k, b, a)),
-                ),
-            ]
+                    parse=parse,
+                    on_change=self._waking(update),
+                )
+                self.informers.append(informer)
         self.informer_tasks = [
             asyncio.create_task(informer.run(), name=f"informer {informer.kind}")
             for informer in self.informers
         ]
+
+    def _waking(self, update: ViewUpdate) -> Callable[[Key, Any, Any], None]:
+        """Apply a change to the view, then wake the budgets it concerns."""
+        return lambda key, before, after: self.wake(update(key, before, after))
 
     async def synced(self) -> None:
         for informer in self.informers:

@@ -4,7 +4,6 @@ resume after the watch is re-opened, and reconcile its store by a relist after a
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -14,29 +13,11 @@ from devtools.localcluster import LocalCluster
 from poolbudget.adapters.informer import DeploymentResource, Informer
 from poolbudget.domain.cluster_view import Key
 from poolbudget.domain.observe import DeploymentState, deployment_state
+from tests.e2e.support import deployment
 
 pytestmark = pytest.mark.cluster
 
 Change = tuple[Key, int | None, int | None]  # (key, replicas before, replicas after)
-
-
-def deployment(name: str, replicas: int) -> str:
-    labels = {"app": name}
-    return json.dumps(
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name},
-            "spec": {
-                "replicas": replicas,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause"}]},
-                },
-            },
-        }
-    )
 
 
 @pytest.fixture
