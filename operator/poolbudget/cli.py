@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,20 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+# A DNS label, as Kubernetes names namespaces. Kopf would also take glob patterns, but the
+# operator's informers list and watch each namespace by name.
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _namespace(text: str) -> str:
+    if not _NAMESPACE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a namespace name (lowercase letters, digits and '-', at most "
+            "63; patterns are not supported: repeat --namespace for each)"
+        )
+    return text
 
 
 def _positive(text: str) -> int:
@@ -134,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--namespace",
         action="append",
         default=[],
+        type=_namespace,
         help="watch only this namespace (repeat for more); default: all namespaces",
     )
     run.add_argument("--metrics-port", type=_non_negative, default=8080, help="0 disables")

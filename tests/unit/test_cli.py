@@ -170,3 +170,13 @@ def test_console_script_is_installed() -> None:
     )  # fmt: skip
     assert result.returncode == EXIT_OK, result.stderr
     assert json.loads(result.stdout)["allocations"][0]["poolSize"] == 18
+
+
+@pytest.mark.parametrize("namespace", ["team-*", "Shop", "-shop", "a" * 64, ""])
+def test_run_refuses_what_is_not_a_namespace_name(
+    capsys: pytest.CaptureFixture[str], namespace: str
+) -> None:
+    status, _, err = run(capsys, "run", f"--namespace={namespace}")
+    assert status == 2
+    assert "is not a namespace name" in err
+    assert "Traceback" not in err
