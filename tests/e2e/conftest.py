@@ -21,7 +21,9 @@ from tests.e2e.support import Cluster
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
+# Package scope: the operator watches every namespace, so it must be gone before other
+# packages' tests (the chart's own operator, with its narrower rights) run.
+@pytest.fixture(scope="package")
 def operator_process(
     crd_installed: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
