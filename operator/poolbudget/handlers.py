@@ -28,7 +28,13 @@ from typing import Any
 import kopf
 
 from poolbudget import metrics
-from poolbudget.adapters.informer import DeploymentResource, HpaResource, Informer
+from poolbudget.adapters.informer import (
+    DeploymentResource,
+    HpaResource,
+    Informer,
+    WatchClient,
+    watch_client,
+)
 from poolbudget.adapters.kube import KubeGateway, PoolBudgetResource
 from poolbudget.adapters.leader import LeaderElector
 from poolbudget.adapters.postgres import DatabaseProbe
@@ -52,6 +58,7 @@ class Runtime:
     view: ClusterView = field(default_factory=ClusterView)
     informers: list[Informer[Any]] = field(default_factory=list)
     informer_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    watch_clients: list[WatchClient] = field(default_factory=list)
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     memories: dict[Key, BudgetMemory] = field(default_factory=dict)
     last_generations: dict[Key, int] = field(default_factory=dict)
@@ -73,9 +80,11 @@ class Runtime:
         ]
         scopes: list[str | None] = list(namespaces) or [None]
         for namespace in scopes:
+            client = watch_client()
+            self.watch_clients.append(client)
             for resource, kind, parse, update in kinds:
                 informer: Informer[Any] = Informer(
-                    self.kube.client,
+                    client,
                     resource,
                     kind=kind,
                     namespace=namespace,
@@ -139,6 +148,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     for task in runtime.informer_tasks:
         task.cancel()
     await asyncio.gather(*runtime.informer_tasks, return_exceptions=True)
+    for client in runtime.watch_clients:
+        await client.close()
     for memory in runtime.memories.values():
         if memory.prober is not None:
             await memory.prober.close()

@@ -40,6 +40,16 @@ HpaResource = create_namespaced_resource(
     "autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"
 )
 
+WatchClient = AsyncClient
+
+
+def watch_client() -> WatchClient:
+    """A client for the informers of one scope, apart from the one that writes: each watch
+    holds one of its pool's 100 connections for good, so sharing the writers' pool would
+    starve it once 30-odd namespaces are watched."""
+    return AsyncClient()
+
+
 LIST_CHUNK = 500
 # Re-open the watch this often, from the last resourceVersion seen: a stream that died
 # silently (a dropped connection with no FIN) then heals itself.

@@ -80,11 +80,6 @@ class KubeGateway:
         self._client = client or AsyncClient(field_manager=FIELD_MANAGER)
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
-    @property
-    def client(self) -> AsyncClient:
-        """The shared client, for the informers' long-lived lists and watches."""
-        return self._client
-
     async def close(self) -> None:
         await self._client.close()
 
