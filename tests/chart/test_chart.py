@@ -216,6 +216,46 @@ def test_namespaced_install_cannot_touch_other_namespaces(
         local_cluster.kubectl("delete", "namespace", outside, "--wait=false", check=False)
 
 
+def test_namespaced_install_over_many_namespaces_still_reconciles(
+    helm: Helm, local_cluster: LocalCluster, kube_namespace: str, app_namespace: str, tmp_path: Path
+) -> None:
+    """40 watched namespaces mean 120 watches held open for good: more than one HTTP
+    connection pool (100) holds, which must not starve the operator's writes."""
+    release = f"pbm{os.getpid() % 10000}"
+    others = [f"{app_namespace}-w{i}" for i in range(39)]
+    for name in others:
+        local_cluster.kubectl("create", "namespace", name)
+    watched = [app_namespace, *others]
+    try:
+        helm("install", release, str(CHART), "--namespace", kube_namespace,
+             "--set", f"watchNamespaces={{{','.join(watched)}}}")  # fmt: skip
+        sa_kubeconfig = local_cluster.serviceaccount_kubeconfig(
+            kube_namespace, f"{release}-poolbudget-operator"
+        )
+        with PostgresServer(major=15) as server:
+            dsn = server.create_role("monitor", "chart-pw", database="shop")
+            flags = [arg for name in watched for arg in ("--namespace", name)]
+            operator = OperatorProcess(kubeconfig=sa_kubeconfig, log_path=tmp_path / "operator.log",
+                                       extra_args=flags)  # fmt: skip
+            operator.start()
+            try:
+                _drive_a_budget(local_cluster, app_namespace, dsn)
+                informers = wait_for(
+                    lambda: (operator.health().get("informers") or {}) or None,
+                    timeout=30,
+                    what="/healthz to list the informers",
+                )
+                assert len(informers) == 3 * len(watched)
+            finally:
+                operator.stop()
+        assert "Forbidden" not in operator.log(), operator.log()
+        assert "PoolTimeout" not in operator.log(), operator.log()
+        helm("uninstall", release, "--namespace", kube_namespace)
+    finally:
+        for name in others:
+            local_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
 def test_two_replicas_never_both_act(
     crd_installed: LocalCluster, kube_namespace: str, tmp_path: Path
 ) -> None:
