@@ -192,9 +192,12 @@ async def budget_changed(
     runtime = _runtime(memo)
     key = (_ns(namespace), name)
     generation = int(meta.get("generation") or 0)
-    if type != "DELETED" and runtime.last_generations.get(key) == generation:
+    if type == "DELETED":
+        runtime.last_generations.pop(key, None)  # budgets come and go; forget them
+    elif runtime.last_generations.get(key) == generation:
         return
-    runtime.last_generations[key] = generation
+    else:
+        runtime.last_generations[key] = generation
     runtime.wakeup(key).set()
 
 
