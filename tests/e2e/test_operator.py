@@ -219,12 +219,13 @@ def test_two_budgets_claiming_one_deployment(ns: Cluster) -> None:
     ns.apply(deployment("api", 1))
     ns.apply(budget("first", [{"deploymentName": "api", "processesPerPod": 2}]))
     wait_for(lambda: ns.ready("first"), timeout=60, what="PoolBudget first Ready")
-    ns.apply(
-        budget(
-            "second",
-            [{"deploymentName": "api", "processesPerPod": 8, "configMapName": "api-pool-2"}],
-        )
+    second = budget(
+        "second",
+        [{"deploymentName": "api", "processesPerPod": 8, "configMapName": "api-pool-2"}],
     )
+    # Its periodic re-check is an hour away: only a wake-up can make it take over below.
+    second["spec"]["database"]["refreshSeconds"] = 3600
+    ns.apply(second)
     wait_for(
         lambda: (ns.allocation("second", "api") or {}).get("state") == "Conflict",
         timeout=60, what="second reports a conflict",
@@ -233,6 +234,12 @@ def test_two_budgets_claiming_one_deployment(ns: Cluster) -> None:
     assert ns.condition("second", "Ready")["reason"] == "TargetConflict"  # type: ignore[index]
     assert ns.events("TargetConflict")
     assert ns.ready("first")
+
+    # The older claim goes away: the rival is woken and takes the Deployment over.
+    ns.kubectl("delete", "poolbudget", "first")
+    wait_for(lambda: ns.ready("second"), timeout=30, what="second Ready once first is gone")
+    assert ns.configmap("api-pool-2") is not None
+    assert ns.template_hash("api") == (ns.allocation("second", "api") or {}).get("configHash")
 
 
 def test_missing_deployment_is_reported_and_its_configmap_written(ns: Cluster) -> None:
