@@ -226,14 +226,14 @@ async def budget_daemon(
         await _first_of(runtime.synced(), stopped.wait(), delay=None)
         while not stopped:
             wake.clear()
-            created = str(body.metadata.get("creationTimestamp") or "")
-            observed = runtime.view.observe(key, created, budget_claims(body).deployments)
+            claims = budget_claims(body)
+            observed = runtime.view.observe(key, claims.created, claims.deployments)
             budget = BudgetObject(
                 namespace=key[0],
                 name=name,
                 uid=str(body.metadata.uid),
                 generation=int(body.metadata.get("generation") or 0),
-                created=created,
+                created=claims.created,
                 spec=dict(body.spec),
                 status=dict(body.status),
             )

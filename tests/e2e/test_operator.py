@@ -152,12 +152,17 @@ def _reconciles(process: OperatorProcess, namespace: str) -> float:
     )
 
 
-def test_operator_restart_restarts_no_deployment(
-    ns: Cluster, operator_process: OperatorProcess
-) -> None:
+def _shop_ready(ns: Cluster) -> None:
+    """The common start: Deployment api (2 replicas, 4 processes) under budget shop, Ready."""
     ns.apply(deployment("api", 2))
     ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4}]))
     wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+
+
+def test_operator_restart_restarts_no_deployment(
+    ns: Cluster, operator_process: OperatorProcess
+) -> None:
+    _shop_ready(ns)
     generation = ns.get("deployment", "api")["metadata"]["generation"]
     sets = ns.replicasets("api")
 
@@ -171,9 +176,7 @@ def test_operator_restart_restarts_no_deployment(
 
 
 def test_no_writes_when_nothing_changed(ns: Cluster, operator_process: OperatorProcess) -> None:
-    ns.apply(deployment("api", 2))
-    ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4}]))
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    _shop_ready(ns)
     # Let the restart's rollout and its status updates settle.
     wait_for(lambda: _writes_stable(operator_process, ns.namespace, 3.0), timeout=60,
              what="writes to settle")  # fmt: skip
@@ -267,9 +270,7 @@ def test_deleting_the_budget_leaves_configmaps(ns: Cluster) -> None:
 def test_health_reports_what_each_informer_holds(
     ns: Cluster, operator_process: OperatorProcess
 ) -> None:
-    ns.apply(deployment("api", 2))
-    ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4}]))
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    _shop_ready(ns)
 
     def counted() -> dict[str, Any] | None:
         informers = operator_process.health().get("informers") or {}

@@ -142,7 +142,7 @@ class Informer(Generic[View]):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._watch_seconds), contextlib.aclosing(stream):
                     async for event_type, body in stream:
-                        version = body.metadata.resourceVersion or version
+                        version = body["metadata"].get("resourceVersion") or version
                         if event_type not in ("ADDED", "MODIFIED", "DELETED"):
                             continue  # BOOKMARK: only the resourceVersion matters
                         if event_type == "DELETED":
@@ -171,9 +171,10 @@ class Informer(Generic[View]):
         self._on_change(key, before, view)
 
 
-def _key(body: Any) -> Key:
-    metadata = body.metadata
-    return (str(metadata.namespace), str(metadata.name))
+def _key(body: Mapping[str, Any]) -> Key:
+    # The raw metadata: lightkube's `.metadata` parses an ObjectMeta on every access.
+    metadata = body["metadata"]
+    return (str(metadata["namespace"]), str(metadata["name"]))
 
 
 def _describe(exc: Exception) -> str:
