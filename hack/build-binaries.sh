@@ -9,9 +9,9 @@
 # changing a pin (or the toolchain) builds a new binary next to the old one. A warm cache
 # returns in well under a second without running the Go compiler.
 #
-# The four binaries of the current pins are also linked into one directory,
+# The binaries of the current pins are also linked into one directory,
 #
-#   ${POOLBUDGET_CACHE:-$HOME/.cache/poolbudget}/bin/set-<key of all four>/
+#   ${POOLBUDGET_CACHE:-$HOME/.cache/poolbudget}/bin/set-<key of all of them>/
 #
 # which is printed as the last line on stdout (everything else goes to stderr), so
 # callers can do `bindir=$(bash hack/build-binaries.sh)`.
@@ -73,7 +73,8 @@ kube_version=$(required_version "${wrappers}/kube/go.mod" k8s.io/kubernetes)
 etcd_version=$(required_version "${wrappers}/etcd/go.mod" go.etcd.io/etcd/server/v3)
 helm_version=$(required_version "${wrappers}/helm/go.mod" helm.sh/helm/v3)
 helm_client_go=$(required_version "${wrappers}/helm/go.mod" k8s.io/client-go)
-for v in kube_version etcd_version helm_version helm_client_go; do
+containerd_version=$(required_version "${wrappers}/containerd/go.mod" github.com/containerd/containerd/v2)
+for v in kube_version etcd_version helm_version helm_client_go containerd_version; do
   [[ -n "${!v}" ]] || { log "could not read ${v} from the wrapper go.mod files"; exit 1; }
 done
 
@@ -83,13 +84,20 @@ binaries=(
   "kube-apiserver|kube|k8s.io/kubernetes/cmd/kube-apiserver|${kube_version}"
   "kube-controller-manager|kube|k8s.io/kubernetes/cmd/kube-controller-manager|${kube_version}"
   "helm|helm|helm.sh/helm/v3/cmd/helm|${helm_version}"
+  # the node: scheduler, kubelet and the container runtime (runc and the CNI plugins
+  # come from Debian, see hack/install-node.sh)
+  "kube-scheduler|kube|k8s.io/kubernetes/cmd/kube-scheduler|${kube_version}"
+  "kubelet|kube|k8s.io/kubernetes/cmd/kubelet|${kube_version}"
+  "containerd|containerd|github.com/containerd/containerd/v2/cmd/containerd|${containerd_version}"
+  "containerd-shim-runc-v2|containerd|github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2|${containerd_version}"
+  "ctr|containerd|github.com/containerd/containerd/v2/cmd/ctr|${containerd_version}"
 )
 
 # Linker flags per binary, without the build date (which is derived from the pins).
 ldflags_for() {
   local name=$1 version=$2 flags="-s -w"
   case "${name}" in
-    kube-*)
+    kube-*|kubelet)
       local minor=${version#v1.}; minor=${minor%%.*}
       local pkg
       for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
@@ -99,6 +107,10 @@ ldflags_for() {
       ;;
     etcd)
       flags+=" -X go.etcd.io/etcd/api/v3/version.GitSHA=module-${version}"
+      ;;
+    containerd|containerd-shim-runc-v2|ctr)
+      flags+=" -X github.com/containerd/containerd/v2/version.Version=${version}"
+      flags+=" -X github.com/containerd/containerd/v2/version.Revision=module-${version}"
       ;;
     helm)
       # As helm's Makefile does: the default Kubernetes version for `helm template`
@@ -116,11 +128,19 @@ ldflags_for() {
   printf '%s' "${flags}"
 }
 
+# Build tags: containerd without the snapshotters that need cgo or kernel headers
+# (overlayfs and native are what the node uses).
+tags_for() {
+  case "$1" in
+    containerd|containerd-shim-runc-v2|ctr) printf '%s' "no_btrfs no_devmapper no_zfs" ;;
+  esac
+}
+
 cache_key() {  # name wrapper version
   local name=$1 wrapper=$2 version=$3
   {
     printf 'recipe=2 name=%s version=%s go=%s cgo=%s\n' "${name}" "${version}" "${go_version}" "${CGO_ENABLED}"
-    printf 'ldflags=%s\n' "$(ldflags_for "${name}" "${version}")"
+    printf 'ldflags=%s tags=%s\n' "$(ldflags_for "${name}" "${version}")" "$(tags_for "${name}")"
     cat "${wrappers}/${wrapper}/go.mod" "${wrappers}/${wrapper}/go.sum"
   } | sha256sum | cut -c1-12
 }
@@ -158,14 +178,15 @@ for entry in "${binaries[@]}"; do
   mkdir -p "${out_dir}"
   module_path=${pkg}
   case "${name}" in
-    kube-*) module_path=k8s.io/kubernetes ;;
+    kube-*|kubelet) module_path=k8s.io/kubernetes ;;
+    containerd*|ctr) module_path=github.com/containerd/containerd/v2 ;;
     etcd) module_path=go.etcd.io/etcd/server/v3 ;;
     helm) module_path=helm.sh/helm/v3 ;;
   esac
   build_date=$(module_time "${wrappers}/${wrapper}" "${module_path}" "${version}")
   ldflags=$(ldflags_for "${name}" "${version}")
   case "${name}" in
-    kube-*) for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    kube-*|kubelet) for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
               ldflags+=" -X ${p}.buildDate=${build_date}"
             done ;;
   esac
@@ -173,7 +194,7 @@ for entry in "${binaries[@]}"; do
   start=${SECONDS}
   tmp="${out}.tmp.$$"
   timing="${out_dir}/build-time.txt"
-  build=(go build -trimpath -ldflags "${ldflags}" -o "${tmp}" "${pkg}")
+  build=(go build -trimpath -tags "$(tags_for "${name}")" -ldflags "${ldflags}" -o "${tmp}" "${pkg}")
   if [[ -x /usr/bin/time ]]; then
     (cd "${wrappers}/${wrapper}" && /usr/bin/time -o "${timing}" \
       -f "%e s wall, %U s user, %S s sys, %M KiB peak RSS (largest process)" "${build[@]}")
@@ -190,5 +211,5 @@ mkdir -p "${set_dir}"
 for name in "${!paths[@]}"; do
   ln -sfn "${paths[${name}]}" "${set_dir}/${name}"
 done
-log "${built} built, $(( 4 - built )) cached, $(( SECONDS - total_start )) s total; binaries in:"
+log "${built} built, $(( ${#binaries[@]} - built )) cached, $(( SECONDS - total_start )) s total; binaries in:"
 printf '%s\n' "${set_dir}"
