@@ -1,10 +1,12 @@
-"""A real, throwaway Kubernetes control plane on 127.0.0.1: etcd, kube-apiserver and
-kube-controller-manager, built from Go modules by hack/build-binaries.sh.
+"""A real, throwaway Kubernetes cluster on this machine: etcd, kube-apiserver and
+kube-controller-manager on 127.0.0.1, and with `node=True` a node as well (kube-scheduler,
+containerd, kubelet: devtools/node.py), all built from Go modules by
+hack/build-binaries.sh.
 
-There is no scheduler and no kubelet, so Pods stay Pending; everything above them is real:
-CRDs with schema validation, the status subresource, server-side apply, RBAC,
-ServiceAccount tokens, watches, and the controllers that turn a Deployment into
-ReplicaSets.
+Without the node, Pods stay Pending, which is all a test of the API needs (CRDs with
+schema validation, the status subresource, server-side apply, RBAC, ServiceAccount tokens,
+watches, the controllers that turn a Deployment into ReplicaSets). With it, pods run:
+images come from devtools/images.py and are imported into containerd (no registry).
 
 From Python (the pytest fixture in tests/fixtures/cluster.py does exactly this)::
 
@@ -14,8 +16,8 @@ From Python (the pytest fixture in tests/fixtures/cluster.py does exactly this):
 
 From the shell::
 
-    python -m devtools.localcluster up      # prints the kubeconfig path; processes keep running
-    python -m devtools.localcluster down    # stops them and removes the state directory
+    python -m devtools.localcluster up [--no-node]   # prints the kubeconfig; keeps running
+    python -m devtools.localcluster down             # stops it, removes its state and node
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, TypeVar
+
+from devtools import node as node_setup
+from devtools.images import Builder as ImageBuilder
+from devtools.images import Image
+from devtools.node import NODE_NAME, NodeLayout
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT: Final = REPO_ROOT / "hack" / "build-binaries.sh"
@@ -75,6 +82,11 @@ class Binaries:
     kube_apiserver: Path
     kube_controller_manager: Path
     helm: Path
+    kube_scheduler: Path
+    kubelet: Path
+    containerd: Path
+    containerd_shim: Path
+    ctr: Path
 
     @classmethod
     def in_dir(cls, directory: Path) -> Binaries:
@@ -83,10 +95,15 @@ class Binaries:
             kube_apiserver=directory / "kube-apiserver",
             kube_controller_manager=directory / "kube-controller-manager",
             helm=directory / "helm",
+            kube_scheduler=directory / "kube-scheduler",
+            kubelet=directory / "kubelet",
+            containerd=directory / "containerd",
+            containerd_shim=directory / "containerd-shim-runc-v2",
+            ctr=directory / "ctr",
         )
 
     def missing(self) -> list[Path]:
-        paths = (self.etcd, self.kube_apiserver, self.kube_controller_manager, self.helm)
+        paths = [getattr(self, f.name) for f in fields(self)]
         return [p for p in paths if not os.access(p, os.X_OK)]
 
 
@@ -232,6 +249,13 @@ def make_pki(directory: Path) -> Pki:
     # Kubernetes takes the user name from CN and the groups from O.
     issue("admin", "/O=system:masters/CN=poolbudget-admin", "client", signer="ca")
     issue("kube-controller-manager", "/CN=system:kube-controller-manager", "client", signer="ca")
+    issue("kube-scheduler", "/CN=system:kube-scheduler", "client", signer="ca")
+    # The node: the kubelet authenticates as system:node:<name> (the Node authorizer and
+    # NodeRestriction key on that name); the API server calls the kubelet (logs, exec) with
+    # a certificate of its own.
+    issue("kubelet", f"/O=system:nodes/CN=system:node:{NODE_NAME}", "client", signer="ca")
+    issue("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+          "client", signer="ca")  # fmt: skip
     # The aggregation layer's request-header authentication has its own CA, as in kubeadm,
     # so no ordinary client certificate can pose as the front proxy.
     issue("front-proxy-ca", "/CN=poolbudget-local-front-proxy-ca", "ca")
@@ -368,8 +392,14 @@ class LocalCluster:
         kubectl: Path | None = None,
         startup_timeout: float = 90.0,
         detach: bool = False,
+        node: bool = False,
+        images: Sequence[Image] = (),
     ) -> None:
         self.state_dir = state_dir.resolve()
+        self.with_node = node
+        self.node_images = list(images)
+        self.node_layout: NodeLayout | None = None
+        self.node_ip: str | None = None
         self.binaries = binaries if binaries is not None else find_binaries()
         self.kubectl_path = kubectl if kubectl is not None else find_kubectl()
         self.startup_timeout = startup_timeout
@@ -457,6 +487,9 @@ class LocalCluster:
             if component.log is not None:
                 component.log.close()
         self._components = []
+        if self.node_layout is not None:
+            node_setup.cleanup_node(self.node_layout)
+            self.node_layout = None
         shutil.rmtree(self.data_dir, ignore_errors=True)
         (self.state_dir / PIDS_FILE).unlink(missing_ok=True)
         atexit.unregister(self.stop)
@@ -597,6 +630,9 @@ class LocalCluster:
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 f"--proxy-client-cert-file={pki.path('front-proxy-client.crt')}",
                 f"--proxy-client-key-file={pki.path('front-proxy-client.key')}",
+                f"--kubelet-client-certificate={pki.path('apiserver-kubelet-client.crt')}",
+                f"--kubelet-client-key={pki.path('apiserver-kubelet-client.key')}",
+                "--kubelet-preferred-address-types=InternalIP",
                 # The "kubernetes" Service cannot point at a loopback address; nothing here
                 # routes to it anyway.
                 "--endpoint-reconciler-type=none",
@@ -642,10 +678,12 @@ class LocalCluster:
             "the default ServiceAccount (kube-controller-manager's controllers)",
         )
         self._phase("controllers")
+        if self.with_node:
+            self._start_node()
         if self.detach:
             self._write_pids()
 
-    def _launch(self, name: str, argv: list[str]) -> None:
+    def _launch(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log = (self.log_dir / f"{name}.log").open("ab")
         component = _Component(name=name, argv=argv, log=log)
         self._components.append(component)
@@ -655,9 +693,123 @@ class LocalCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.state_dir,
+            env=env,
             start_new_session=True,  # its own process group: stop() signals the whole group
             preexec_fn=None if self.detach else _die_with_parent,
         )
+
+    # -- the node ---------------------------------------------------------------------
+
+    def _start_node(self) -> None:
+        """kube-scheduler, containerd (with the images imported) and a kubelet; returns when
+        the Node is Ready."""
+        missing = node_setup.missing_host_packages()
+        if missing:
+            raise LocalClusterError(
+                f"the node needs Debian packages {', '.join(missing)}: run `make node-deps`"
+            )
+        node_setup.sweep_stale_nodes()
+        pki, server = self._pki, self.server_url
+        pause = ImageBuilder().pause()
+        layout = self.node_layout = NodeLayout.new()
+        self.node_ip = node_setup.node_ip()
+        for sub in ("containerd", "cni/net.d", "kubelet"):
+            (layout.directory / sub).mkdir(parents=True, exist_ok=True)
+        node_setup.prepare_cgroups(layout)
+        node_setup.create_bridge(layout, node_setup.pick_subnet())
+
+        scheduler_port = free_port()
+        scheduler_kubeconfig = write_kubeconfig(
+            self.state_dir / "kube-scheduler.kubeconfig", server=server, ca_cert=pki.ca_cert,
+            user="system:kube-scheduler", client_cert=pki.path("kube-scheduler.crt"),
+            client_key=pki.path("kube-scheduler.key"),
+        )  # fmt: skip
+        self._launch(
+            "kube-scheduler",
+            [
+                str(self.binaries.kube_scheduler),
+                f"--kubeconfig={scheduler_kubeconfig}",
+                f"--authentication-kubeconfig={scheduler_kubeconfig}",
+                f"--authorization-kubeconfig={scheduler_kubeconfig}",
+                f"--bind-address={LOOPBACK}",
+                f"--secure-port={scheduler_port}",
+                f"--cert-dir={self.state_dir / 'kube-scheduler-certs'}",
+                "--leader-elect=false",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+
+        config = layout.directory / "containerd" / "config.toml"
+        config.write_text(node_setup.containerd_config(layout, pause_ref=pause.ref))
+        # containerd finds its shim on PATH.
+        shim_dir = self.binaries.containerd_shim.parent
+        env = {**os.environ, "PATH": f"{shim_dir}:{os.environ.get('PATH', '')}"}
+        self._launch("containerd", [str(self.binaries.containerd), f"--config={config}"], env=env)
+        self._wait(lambda: self._ctr("version", check=False).returncode == 0, "containerd")
+        node_setup.write_record(
+            layout, containerd=str(self.binaries.containerd), pid=self.pids["containerd"]
+        )
+        self._phase("containerd")
+        for image in [pause, *self.node_images]:
+            self.import_image(image)
+        self._phase("images")
+
+        kubelet_kubeconfig = write_kubeconfig(
+            layout.directory / "kubelet" / "kubeconfig", server=server, ca_cert=pki.ca_cert,
+            user=f"system:node:{NODE_NAME}", client_cert=pki.path("kubelet.crt"),
+            client_key=pki.path("kubelet.key"),
+        )  # fmt: skip
+        kubelet_config = layout.directory / "kubelet" / "config.json"
+        kubelet_config.write_text(
+            node_setup.kubelet_config(
+                layout, ca_cert=pki.ca_cert, address=self.node_ip, port=free_port(),
+                healthz_port=free_port(),
+            )
+        )  # fmt: skip
+        self._launch(
+            "kubelet",
+            [
+                str(self.binaries.kubelet),
+                f"--config={kubelet_config}",
+                f"--kubeconfig={kubelet_kubeconfig}",
+                f"--root-dir={layout.directory / 'kubelet' / 'root'}",
+                f"--cert-dir={layout.directory / 'kubelet' / 'pki'}",
+                f"--node-ip={self.node_ip}",
+                f"--hostname-override={NODE_NAME}",
+                "--v=1",
+            ],
+        )
+        self._wait(self._node_ready, f"Node {NODE_NAME} Ready")
+        self._phase("node")
+
+    def _node_ready(self) -> bool:
+        node = self.api_get(f"/api/v1/nodes/{NODE_NAME}")
+        if not isinstance(node, dict):
+            return False
+        conditions = node.get("status", {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+    def _ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        if self.node_layout is None:
+            raise LocalClusterError("this cluster has no node")
+        argv = [str(self.binaries.ctr), "--address", str(self.node_layout.containerd_socket),
+                "--namespace", node_setup.NAMESPACE, *args]  # fmt: skip
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600)
+        if check and result.returncode != 0:
+            command = " ".join(args)
+            raise LocalClusterError(f"ctr {command} exited {result.returncode}:\n{result.stderr}")
+        return result
+
+    def import_image(self, image: Image) -> None:
+        """Make `image` available to pods on the node (there is no registry to pull from);
+        pods name it by `image.ref` with `imagePullPolicy: Never` or IfNotPresent."""
+        listed = self._ctr("images", "list", "--quiet").stdout.split()
+        if image.ref not in listed:
+            self._ctr("images", "import", str(image.archive))
+            listed = self._ctr("images", "list", "--quiet").stdout.split()
+            if image.ref not in listed:
+                raise LocalClusterError(f"{image.archive} did not import as {image.ref}: {listed}")
 
     def _phase(self, name: str) -> None:
         self.startup_phases[name] = time.monotonic() - self._began
@@ -666,6 +818,7 @@ class LocalCluster:
         record = {
             "server": self.server_url,
             "kubeconfig": str(self.kubeconfig),
+            "node_dir": str(self.node_layout.directory) if self.node_layout else None,
             "processes": [
                 {"name": c.name, "pid": c.process.pid, "executable": c.argv[0]}
                 for c in self._components
@@ -737,13 +890,16 @@ def down(state_dir: Path) -> int:
                 _terminate_group(pid, executable)
                 stopped.append(f"{process['name']} (pid {pid})")
     print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    removed = node_setup.sweep_stale_nodes()
+    if removed:
+        print(f"node leftovers removed: {len(removed)} ({', '.join(removed[:5])}, ...)")
     if state_dir.exists():
         shutil.rmtree(state_dir)
         print(f"removed: {state_dir}")
     return 0
 
 
-def up(state_dir: Path, timeout: float) -> int:
+def up(state_dir: Path, timeout: float, *, node: bool) -> int:
     running = _running_record(state_dir)
     if running is not None:
         print(f"already running: {running['server']}")
@@ -751,16 +907,21 @@ def up(state_dir: Path, timeout: float) -> int:
         return 0
     if (state_dir / PIDS_FILE).exists():
         down(state_dir)  # a half-dead cluster from an earlier run
+    images = [ImageBuilder().sampleapp()] if node else []
     cluster = LocalCluster(
-        state_dir, binaries=find_binaries(), startup_timeout=timeout, detach=True
-    )
+        state_dir, binaries=find_binaries(), startup_timeout=timeout, detach=True, node=node,
+        images=images,
+    )  # fmt: skip
     try:
         cluster.start()
     except LocalClusterError as error:
         print(f"error: {error}", file=sys.stderr)
         print(f"logs: {cluster.log_dir}", file=sys.stderr)
         return 1
-    print(f"control plane up in {cluster.startup_seconds:.1f} s: {cluster.server_url}")
+    what = "control plane and node" if node else "control plane (no node: pods stay Pending)"
+    print(f"{what} up in {cluster.startup_seconds:.1f} s: {cluster.server_url}")
+    for image in images:
+        print(f"image on the node: {image.ref} (imagePullPolicy: Never)")
     phases = ", ".join(f"{name} {t:.1f} s" for name, t in cluster.startup_phases.items())
     print(f"  (ready after: {phases})")
     print(f"state and logs: {cluster.state_dir}")
@@ -774,7 +935,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.localcluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("up", "start the control plane and leave it running"),
+        ("up", "start the cluster and leave it running"),
         ("down", "stop it and delete its state directory"),
     ):
         command = commands.add_parser(name, help=text)
@@ -791,10 +952,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 default=90.0,
                 help="seconds to wait for readiness (default: %(default)s)",
             )
+            command.add_argument(
+                "--no-node",
+                action="store_true",
+                help="control plane only: no kube-scheduler, containerd or kubelet",
+            )
     args = parser.parse_args(argv)
     state_dir: Path = args.dir.resolve()
     if args.command == "up":
-        return up(state_dir, args.timeout)
+        return up(state_dir, args.timeout, node=not args.no_node)
     return down(state_dir)
 
 

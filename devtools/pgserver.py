@@ -192,8 +192,12 @@ class PostgresServer:
         state_dir: Path | None = None,
         *,
         die_with_parent: bool | None = None,
+        pod_access: tuple[str, str] | None = None,
     ) -> None:
+        """`pod_access=(host_ip, pod_cidr)`: also listen on `host_ip` and accept password
+        logins from `pod_cidr`, so pods on the local node reach the server."""
         self.major = major
+        self.pod_access = pod_access
         self.settings = dict(settings or {})
         self.bin = bin_dir(major)
         # Where server.json is recorded for `down`; None for a server owned by this process.
@@ -253,6 +257,9 @@ class PostgresServer:
                 "--encoding=UTF8", "--no-instructions",
             )  # fmt: skip
             password_file.unlink()
+            if self.pod_access is not None:
+                with (self.data_dir / "pg_hba.conf").open("a") as hba:
+                    hba.write(f"host all all {self.pod_access[1]} scram-sha-256\n")
             self._start_on_a_free_port()
             if self.state_dir is not None:
                 self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -308,8 +315,16 @@ class PostgresServer:
             "-U", ADMIN, "-d", database, "-v", "ON_ERROR_STOP=1", "-AtX", "-c", statement,
         ).strip()  # fmt: skip
 
-    def dsn(self, user: str, password: str, database: str = "postgres") -> str:
-        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
+    def dsn(
+        self, user: str, password: str, database: str = "postgres", *, host: str = "127.0.0.1"
+    ) -> str:
+        return f"postgresql://{user}:{password}@{host}:{self.port}/{database}"
+
+    def pod_dsn(self, user: str, password: str, database: str = "postgres") -> str:
+        """The DSN for pods on the local node (the server must have `pod_access`)."""
+        if self.pod_access is None:
+            raise PostgresError("this server does not listen for pods (pod_access)")
+        return self.dsn(user, password, database, host=self.pod_access[0])
 
     def admin_dsn(self, database: str = "postgres") -> str:
         return self.dsn(ADMIN, self.admin_password, database)
@@ -355,7 +370,9 @@ class PostgresServer:
 
     def _write_settings(self) -> None:
         base = {
-            "listen_addresses": "127.0.0.1",
+            "listen_addresses": ",".join(
+                ["127.0.0.1", *([self.pod_access[0]] if self.pod_access else [])]
+            ),
             "port": str(self.port),
             "unix_socket_directories": str(self.socket_dir),
             "fsync": "off",  # throwaway test data: speed over durability
