@@ -1,8 +1,10 @@
 # poolbudget-operator — every entry point a developer or CI uses.
-#   make demo   fresh machine -> local control plane + PostgreSQL + operator, worked example
+#   make demo   fresh machine -> local cluster (control plane + a node) + PostgreSQL + operator,
+#               the sample application as pods, a worked example
 #   make test   everything CI runs (lint, types, architecture, unit, PostgreSQL, cluster tests)
-# Slow artefacts (Go-built binaries, Go module cache, pip wheels) are cached outside the repo
-# under $(POOLBUDGET_CACHE); the virtualenv lives in .venv and is rebuilt when pyproject changes.
+# Slow artefacts (Go-built binaries, Go module cache, container images) are cached outside
+# the repo under $(POOLBUDGET_CACHE); the virtualenv lives in .venv and is rebuilt when
+# pyproject changes. Needs root: the node runs containers (see README, "A fresh machine").
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -15,7 +17,7 @@ export POOLBUDGET_CACHE ?= $(HOME)/.cache/poolbudget
 export GOTOOLCHAIN := local
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv postgres binaries crds manifests lint typecheck archcheck unit test test-fast cluster-up cluster-down demo fleet bench clean
+.PHONY: help venv postgres node-deps images image fleet-pods binaries crds manifests lint typecheck archcheck unit test test-fast cluster-up cluster-down demo fleet bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -31,8 +33,17 @@ venv: $(VENV)/.stamp ## create/refresh the virtualenv with the package and dev t
 postgres: ## make sure a PostgreSQL 15 server (Debian) is installed for the tests
 	bash hack/install-postgres.sh
 
-binaries: ## build (or reuse from cache) etcd, kube-apiserver, kube-controller-manager, helm
+node-deps: ## make sure runc, the CNI plugins, buildah and debootstrap (Debian) are installed
+	bash hack/install-node.sh
+
+binaries: ## build (or reuse from cache) etcd, kube-*, kubelet, containerd, ctr, helm
 	bash hack/build-binaries.sh
+
+images: venv node-deps binaries ## build (or reuse from cache) the pause and sample app images
+	$(PY) -m devtools.images pause sampleapp
+
+image: venv node-deps binaries ## the operator image from ./Dockerfile, as a docker-archive tarball
+	$(PY) -m devtools.images operator
 
 crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models; tests check both
 	$(PY) -m poolbudget.api.crd > crds/poolbudget.dev_poolbudgets.yaml
@@ -42,11 +53,11 @@ manifests: binaries ## regenerate manifests/install.yaml from the chart (a test 
 	bash hack/render-install-manifest.sh > manifests/install.yaml
 
 lint: venv ## ruff
-	$(VENV)/bin/ruff check operator devtools tests
-	$(VENV)/bin/ruff format --check operator devtools tests
+	$(VENV)/bin/ruff check operator devtools tests images
+	$(VENV)/bin/ruff format --check operator devtools tests images
 
 typecheck: venv ## mypy --strict
-	$(VENV)/bin/mypy operator/poolbudget devtools tests
+	$(VENV)/bin/mypy operator/poolbudget devtools tests images/sampleapp/sampleapp.py
 
 archcheck: venv ## import-linter: the domain stays pure
 	$(VENV)/bin/lint-imports
@@ -54,22 +65,25 @@ archcheck: venv ## import-linter: the domain stays pure
 unit: venv ## pure tests only (no PostgreSQL, no cluster)
 	$(PY) -m pytest -m "not postgres and not cluster and not e2e"
 
-test: venv postgres binaries lint typecheck archcheck ## everything CI runs
+test: venv postgres node-deps binaries images lint typecheck archcheck ## everything CI runs
 	$(PY) -m pytest
 
 test-fast: venv lint typecheck archcheck unit ## the quick loop while editing
 
-cluster-up: venv binaries ## start a local control plane and print its kubeconfig
-	$(PY) -m devtools.localcluster up
+cluster-up: venv node-deps binaries images ## start a local cluster with a node (CLUSTER_ARGS=--no-node)
+	$(PY) -m devtools.localcluster up $(CLUSTER_ARGS)
 
 cluster-down: venv ## stop the local control plane started by cluster-up
 	$(PY) -m devtools.localcluster down
 
-demo: venv postgres binaries ## the worked example end to end (DEMO_ARGS=--keep leaves it running)
+demo: venv postgres node-deps binaries images ## the worked example end to end (DEMO_ARGS=--keep leaves it running)
 	$(PY) -m devtools.demo $(DEMO_ARGS)
 
 fleet: venv postgres ## the fleet proof: one process per worker bursts 3x its pool; budgeted vs naive 50+20 (FLEET_ARGS=--scale small)
 	$(PY) -m devtools.fleet $(FLEET_ARGS)
+
+fleet-pods: venv postgres node-deps binaries images ## the fleet proof on real pods with the operator (FLEET_ARGS=--scale small); writes out/fleet-pods.png
+	$(PY) -m devtools.fleet_pods $(FLEET_ARGS)
 
 bench: venv postgres binaries ## figures: reaction latency vs a minimal client, no-op cost, scale (BENCH_ARGS=...)
 	$(PY) -m devtools.bench $(BENCH_ARGS)

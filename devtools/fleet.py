@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from poolbudget.client import engine_kwargs
 
 if TYPE_CHECKING:
+    from devtools.apps import ConnectionTimeline
     from poolbudget.api.v1alpha1 import PoolBudgetSpec
     from poolbudget.domain.sizing import BudgetPlan
 
@@ -259,7 +260,14 @@ WHERE backend_type = 'client backend' GROUP BY 1
 """
 
 
-async def _sample(admin_dsn: str, result: RunResult, stop: asyncio.Event) -> None:
+async def _sample(
+    admin_dsn: str,
+    result: RunResult,
+    stop: asyncio.Event,
+    timeline: ConnectionTimeline | None = None,
+) -> None:
+    """Every SAMPLE_INTERVAL until `stop`: the peak of client connections, in all and per
+    application (and each sample into `timeline`, for the picture)."""
     import asyncpg
 
     connection = await asyncpg.connect(admin_dsn, timeout=10)
@@ -269,6 +277,10 @@ async def _sample(admin_dsn: str, result: RunResult, stop: asyncio.Event) -> Non
             total = sum(int(r[1]) for r in rows)
             result.samples += 1
             result.peak_server_connections = max(result.peak_server_connections, total)
+            if timeline is not None:
+                counts = {a: 0 for a in timeline.applications}
+                counts.update({str(n): int(c) for n, c in rows if n in counts})
+                timeline.samples.append((time.monotonic() - timeline.started, counts))
             for name, count in rows:
                 peak = result.peak_by_application.get(name, 0)
                 result.peak_by_application[name] = max(peak, int(count))

@@ -1,10 +1,10 @@
 """Stand in for the kubelet: mark every new pod Running and Ready.
 
-The local control plane has no scheduler and no kubelet, so pods stay Pending and a
-Deployment rollout never completes. Rollout pacing (maxConcurrent, shrink-first) depends
-on rollouts completing, so e2e tests and the demo run this loop: it watches pods in the
-given namespaces and writes the status a kubelet would write once containers are up. The
-API server, the ReplicaSet and Deployment controllers stay the real ones.
+Only the scale bench uses this: its 5,000 Deployments' pods cannot fit on the local node
+(110 pods), so it runs the control plane without one (`LocalCluster(node=False)`) and
+this loop writes the status a kubelet would write once containers are up. Everything
+else (e2e tests, the demo, the fleet proof) runs real pods on the local node. The API
+server, the ReplicaSet and Deployment controllers stay the real ones either way.
 
     python -m devtools.podready --kubeconfig PATH -n NAMESPACE [-n NAMESPACE ...]
 """

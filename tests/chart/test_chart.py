@@ -16,7 +16,6 @@ import yaml
 from devtools.localcluster import LocalCluster
 from devtools.operator_process import OperatorProcess, wait_for
 from devtools.pgserver import PostgresServer
-from devtools.podready import PodReadier
 from tests.e2e.support import Cluster, budget, deployment
 
 pytestmark = pytest.mark.cluster
@@ -93,8 +92,7 @@ def _release_objects(cluster: LocalCluster, release: str, kinds: str) -> list[st
 def app_namespace(local_cluster: LocalCluster) -> Iterator[str]:
     name = f"app-{uuid.uuid4().hex[:8]}"
     local_cluster.kubectl("create", "namespace", name)
-    with PodReadier(str(local_cluster.kubeconfig), [name]):
-        yield name
+    yield name  # its pods run on the session cluster's node
     local_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
@@ -261,8 +259,6 @@ def test_two_replicas_never_both_act(
 ) -> None:
     """Leader election: the second operator stands by until the first one goes away."""
     local_cluster = crd_installed
-    readier = PodReadier(str(local_cluster.kubeconfig), [kube_namespace])
-    readier.__enter__()
     ns = Cluster(local_cluster, kube_namespace)
     ns.apply(deployment("api", 1))
     ns.apply(budget("shop", [{"deploymentName": "api"}]))
@@ -290,4 +286,3 @@ def test_two_replicas_never_both_act(
     finally:
         first.stop()
         second.stop()
-        readier.__exit__(None, None, None)

@@ -15,7 +15,6 @@ import pytest
 
 from devtools.localcluster import LocalCluster
 from devtools.operator_process import OperatorProcess
-from devtools.podready import PodReadier
 from tests.e2e.support import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,13 +38,9 @@ def operator_process(
 
 
 @pytest.fixture
-def ready_pods(local_cluster: LocalCluster, kube_namespace: str) -> Iterator[str]:
-    """The test namespace, with pods marked Ready as a kubelet would (rollouts complete)."""
-    with PodReadier(str(local_cluster.kubeconfig), [kube_namespace]):
-        yield kube_namespace
-
-
-@pytest.fixture
-def ns(local_cluster: LocalCluster, ready_pods: str, operator_process: OperatorProcess) -> Cluster:
+def ns(
+    local_cluster: LocalCluster, kube_namespace: str, operator_process: OperatorProcess
+) -> Cluster:
+    """The test's namespace on the real node: pods run, rollouts complete when they do."""
     del operator_process  # running is all we need of it here
-    return Cluster(local_cluster, ready_pods)
+    return Cluster(local_cluster, kube_namespace)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import textwrap
@@ -10,6 +11,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from devtools.images import Builder as ImageBuilder
 from devtools.localcluster import LocalCluster
 
 T = TypeVar("T")
@@ -23,6 +25,14 @@ def kubectl_json(kubectl: Callable[..., subprocess.CompletedProcess[str]], *args
 
 
 HASH = "poolbudget.dev/config-hash"
+
+
+@functools.cache
+def app_image() -> str:
+    """What the e2e Deployments run: the pause image, already on the node. Its pods are real
+    (scheduled, started by containerd, Ready when the kubelet says so) and cost 1 MB each;
+    the tests that need an application reading its pool settings use the sample app."""
+    return ImageBuilder().pause().ref
 
 
 def deployment(name: str, replicas: int, *, surge: str | int = "25%") -> str:
@@ -40,7 +50,8 @@ def deployment(name: str, replicas: int, *, surge: str | int = "25%") -> str:
             spec:
               containers:
                 - name: app
-                  image: example.invalid/app:1
+                  image: {app_image()}
+                  imagePullPolicy: Never
                   envFrom: [{{configMapRef: {{name: {name}-db-pool}}}}]
         """)
 

@@ -1,0 +1,179 @@
+"""The sample application as pods: its manifests, and what the demo, the fleet proof and the
+tests read back from it (live connections in PostgreSQL, each pod's pool, bursts).
+
+The application itself is images/sampleapp/sampleapp.py; its image is built by
+devtools/images.py and imported into the node by LocalCluster(images=[...]).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from devtools.pgserver import PostgresServer, quote_literal
+
+APP_PORT = 8000
+DATABASE_URL_KEY = "url"
+
+
+def app_secret(name: str, url: str) -> dict[str, Any]:
+    """The Secret the application reads its DATABASE_URL from (not the operator's DSN)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "stringData": {DATABASE_URL_KEY: url.replace("postgresql://", "postgresql+asyncpg://")},
+    }
+
+
+def sampleapp_deployment(
+    name: str,
+    *,
+    image: str,
+    replicas: int,
+    processes: int,
+    database_secret: str,
+    load: str = "0",
+    max_surge: str | int = "25%",
+) -> dict[str, Any]:
+    """A Deployment of the sample app: `processes` uvicorn workers per pod, each with a pool
+    from ConfigMap `<name>-db-pool` (envFrom, as the README tells users to do), Ready only
+    when a pooled connection can be checked out."""
+    unavailable = 1 if max_surge == 0 else 0  # Kubernetes forbids both being 0
+    container = {
+        "name": "app",
+        "image": image,
+        "imagePullPolicy": "Never",  # imported into the node; there is no registry
+        "envFrom": [{"configMapRef": {"name": f"{name}-db-pool"}}],
+        "env": [
+            {"name": "WEB_CONCURRENCY", "value": str(processes)},
+            {"name": "LOAD_CONCURRENCY", "value": load},
+            {"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {
+                "name": database_secret, "key": DATABASE_URL_KEY}}},
+        ],
+        "ports": [{"name": "http", "containerPort": APP_PORT}],
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": 2, "timeoutSeconds": 5, "failureThreshold": 2,
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }  # fmt: skip
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {
+                "maxSurge": max_surge, "maxUnavailable": unavailable}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [container], "terminationGracePeriodSeconds": 10},
+            },
+        },
+    }  # fmt: skip
+
+
+def live_connections(server: PostgresServer, applications: list[str]) -> dict[str, int]:
+    """Client connections per application_name right now (every application named gets a
+    count, 0 if it has none), from pg_stat_activity as the superuser sees it."""
+    names = ", ".join(quote_literal(a) for a in applications)
+    query = "SELECT application_name, count(*) FROM pg_stat_activity WHERE backend_type = "
+    query += f"'client backend' AND application_name IN ({names}) GROUP BY 1"  # quoted literals
+    rows = server.sql(query)
+    counts = dict.fromkeys(applications, 0)
+    for line in rows.splitlines():
+        app, _, count = line.partition("|")
+        counts[app] = int(count)
+    return counts
+
+
+@dataclass
+class ConnectionTimeline:
+    """Samples of live connections per application over time, for tables and plots."""
+
+    applications: list[str]
+    started: float = field(default_factory=time.monotonic)
+    samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    marks: list[tuple[float, str]] = field(default_factory=list)
+
+    def sample(self, server: PostgresServer) -> dict[str, int]:
+        counts = live_connections(server, self.applications)
+        self.samples.append((time.monotonic() - self.started, counts))
+        return counts
+
+    def mark(self, label: str) -> None:
+        self.marks.append((time.monotonic() - self.started, label))
+
+    def peak_total(self) -> int:
+        return max((sum(c.values()) for _, c in self.samples), default=0)
+
+    def peak(self, application: str) -> int:
+        return max((c.get(application, 0) for _, c in self.samples), default=0)
+
+
+def http_json(url: str, *, method: str = "GET", timeout: float = 10.0) -> Any:
+    request = urllib.request.Request(url, method=method)  # noqa: S310 - pod IPs, http only
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        return json.loads(response.read())
+
+
+def pod_ips(kubectl: Callable[..., Any], namespace: str, app: str) -> list[str]:
+    """IPs of the Ready pods of `app` (reachable from this host: it is the pods' gateway)."""
+    found = json.loads(
+        kubectl("-n", namespace, "get", "pods", "-l", f"app={app}", "-o", "json").stdout
+    )
+    ips = []
+    for pod in found["items"]:
+        conditions = pod.get("status", {}).get("conditions") or []
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+        if (
+            ready
+            and pod["metadata"].get("deletionTimestamp") is None
+            and pod["status"].get("podIP")
+        ):
+            ips.append(pod["status"]["podIP"])
+    return sorted(ips)
+
+
+def pool_of(ip: str) -> dict[str, Any]:
+    """One worker's pool settings as the pod at `ip` built them from its environment."""
+    result: dict[str, Any] = http_json(f"http://{ip}:{APP_PORT}/pool")
+    return result
+
+
+def burst(ips: list[str], *, at: float, factor: int, hold: float) -> None:
+    """Schedule a burst in every worker of every pod at wall-clock time `at`."""
+    for ip in ips:
+        http_json(
+            f"http://{ip}:{APP_PORT}/burst?at={at}&factor={factor}&hold={hold}", method="POST"
+        )
+
+
+def burst_results(ips: list[str], workers_per_pod: int, *, timeout: float) -> list[dict[str, Any]]:
+    """Every worker's burst result, once all `workers_per_pod` of each pod have reported."""
+    deadline = time.monotonic() + timeout
+    while True:
+        results: list[dict[str, Any]] = []
+        complete = True
+        for ip in ips:
+            try:
+                reported = http_json(f"http://{ip}:{APP_PORT}/results")
+            except (urllib.error.URLError, OSError):
+                reported = []
+            complete = complete and len(reported) >= workers_per_pod
+            results += reported
+        if complete:
+            return results
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"burst results incomplete after {timeout:.0f} s: {len(results)}")
+        time.sleep(0.2)

@@ -1,0 +1,148 @@
+"""The sample application as real pods on the node, against a real PostgreSQL: each pod's
+workers build their pools from the operator's ConfigMap, become Ready only when a pooled
+connection works, restart with the new settings when the budget changes, and the fleet's
+live connections stay within the budget all the while (old and new pods side by side)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from devtools import apps
+from devtools.images import Builder as ImageBuilder
+from devtools.localcluster import LocalCluster
+from devtools.node import POD_NETWORK
+from devtools.operator_process import wait_for
+from devtools.pgserver import PostgresServer
+from tests.e2e.support import Cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.postgres]
+
+MONITOR_PASSWORD, APP_PASSWORD = "pods-monitor-pw-81", "pods-app-pw-81"
+MAX_CONNECTIONS, SUPERUSER_RESERVED, RESERVED = 60, 3, 5
+USABLE = MAX_CONNECTIONS - SUPERUSER_RESERVED - RESERVED
+
+
+@pytest.fixture(scope="module")
+def sampleapp_image(local_cluster: LocalCluster) -> str:
+    image = ImageBuilder().sampleapp()
+    local_cluster.import_image(image)
+    return image.ref
+
+
+@pytest.fixture
+def database(local_cluster: LocalCluster) -> Iterator[PostgresServer]:
+    assert local_cluster.node_ip is not None
+    settings = {
+        "max_connections": str(MAX_CONNECTIONS),
+        "superuser_reserved_connections": str(SUPERUSER_RESERVED),
+    }
+    with PostgresServer(
+        major=16, settings=settings, pod_access=(local_cluster.node_ip, POD_NETWORK)
+    ) as server:
+        yield server
+
+
+def deploy_shop(ns: Cluster, server: PostgresServer, image: str, *, api_replicas: int) -> None:
+    monitor = server.create_role("monitor", MONITOR_PASSWORD, database="shop")
+    server.create_role("app", APP_PASSWORD)  # connects to shop (PUBLIC may)
+    ns.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "shop-db"},
+              "stringData": {"dsn": monitor}})  # fmt: skip
+    ns.apply(apps.app_secret("shop-app", server.pod_dsn("app", APP_PASSWORD, "shop")))
+    ns.apply(apps.sampleapp_deployment(
+        "api", image=image, replicas=api_replicas, processes=2, database_secret="shop-app",
+        load="full", max_surge=1,
+    ))  # fmt: skip
+    ns.apply({
+        "apiVersion": "poolbudget.dev/v1alpha1", "kind": "PoolBudget",
+        "metadata": {"name": "shop"},
+        "spec": {
+            "database": {"connectionSecretRef": {"name": "shop-db", "key": "dsn"},
+                         "refreshSeconds": 30},
+            "reservedConnections": RESERVED,
+            "defaults": {"maxOverflow": 2},
+            "targets": [{"deploymentName": "api", "processesPerPod": 2}],
+            "rollout": {"maxConcurrent": 1, "minIntervalSeconds": 0},
+        },
+    })  # fmt: skip
+
+
+def rolled_out(ns: Cluster, name: str, replicas: int) -> bool:
+    status = ns.get("deployment", name)["status"]
+    return bool(
+        status.get("readyReplicas") == replicas
+        and status.get("updatedReplicas") == replicas
+        and status.get("replicas") == replicas
+    )
+
+
+def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollout(
+    ns: Cluster, database: PostgresServer, sampleapp_image: str, local_cluster: LocalCluster
+) -> None:
+    deploy_shop(ns, database, sampleapp_image, api_replicas=2)
+    wait_for(lambda: ns.ready("shop"), timeout=120, what="PoolBudget shop Ready")
+    wait_for(lambda: rolled_out(ns, "api", 2), timeout=180, what="api rolled out, 2 pods Ready")
+
+    timeline = apps.ConnectionTimeline(["api"])
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            timeline.sample(database)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        before = ns.allocation("shop", "api")
+        assert before is not None
+        # Every pod built its engine from the ConfigMap the operator wrote.
+        data = ns.configmap("api-db-pool")
+        assert data is not None
+        ips = apps.pod_ips(local_cluster.kubectl, ns.namespace, "api")
+        assert len(ips) == 2
+        for ip in ips:
+            pool = apps.pool_of(ip)
+            assert pool["pool_size"] == int(data["DB_POOL_SIZE"]) == before["poolSize"]
+            assert pool["max_overflow"] == int(data["DB_MAX_OVERFLOW"])
+        # Each worker keeps its whole pool busy: 2 pods x 2 workers x (pool + overflow).
+        capacity = before["poolSize"] + before["maxOverflow"]
+        wait_for(
+            lambda: apps.live_connections(database, ["api"])["api"] == 4 * capacity,
+            timeout=30, what=f"api holding {4 * capacity} connections",
+        )  # fmt: skip
+
+        # An administrator holds back 12 more connections: every pool shrinks and the pods
+        # restart with it, one surge pod at a time, old and new side by side.
+        ns.kubectl("patch", "poolbudget", "shop", "--type=merge",
+                   "-p", f'{{"spec": {{"reservedConnections": {RESERVED + 12}}}}}')  # fmt: skip
+        wait_for(
+            lambda: (ns.allocation("shop", "api") or {}).get("poolSize", 0) < before["poolSize"],
+            timeout=60, what="api re-budgeted with a smaller pool",
+        )  # fmt: skip
+        after = ns.allocation("shop", "api")
+        assert after is not None
+        wait_for(lambda: ns.ready("shop"), timeout=180, what="PoolBudget shop Ready again")
+        wait_for(lambda: rolled_out(ns, "api", 2), timeout=240, what="api rolled out again")
+        new_ips = apps.pod_ips(local_cluster.kubectl, ns.namespace, "api")
+        assert set(new_ips).isdisjoint(ips), "every pod was replaced"
+        for ip in new_ips:
+            assert apps.pool_of(ip)["pool_size"] == after["poolSize"]
+        new_capacity = after["poolSize"] + after["maxOverflow"]
+        wait_for(
+            lambda: apps.live_connections(database, ["api"])["api"] == 4 * new_capacity,
+            timeout=30, what=f"api holding {4 * new_capacity} connections",
+        )  # fmt: skip
+    finally:
+        stop.set()
+        sampler.join(timeout=5)
+
+    assert len(timeline.samples) > 20
+    assert timeline.peak_total() > 0
+    # The whole time, the rolling restart included (a surge pod beside the old ones), the
+    # live connections stayed within what the budget allowed when they were opened.
+    assert timeline.peak_total() > 4 * new_capacity
+    assert timeline.peak_total() <= before["peakConnections"] <= USABLE
+    # No pod ever failed to get a connection: PostgreSQL logged no refusal.
+    assert "too many clients" not in database.log_file.read_text()
