@@ -61,15 +61,22 @@ def test_cli_up_leaves_it_running_and_down_removes_it(
         namespaces = local_cluster.kubectl(
             "get", "namespaces", "--output=name", kubeconfig=kubeconfig
         ).stdout.split()
+        node_dir = Path(json.loads((state_dir / "pids.json").read_text())["node_dir"])
+        nodes = local_cluster.kubectl("get", "nodes", "--output=name", kubeconfig=kubeconfig)
         assert f"kubeconfig: {kubeconfig}" in output
-        assert "control plane up in" in output
-        assert len(pids) == 3
+        assert "control plane and node up in" in output
+        assert "image on the node: localhost/poolbudget/sampleapp:" in output
+        assert len(pids) == 6  # etcd, apiserver, controller-manager, scheduler, containerd, kubelet
         assert all(pid_alive(pid) for pid in pids)
         assert "namespace/kube-system" in namespaces
+        assert nodes.stdout.split() == ["node/poolbudget-node"]
+        assert node_dir.is_dir()
     finally:
         output = cli("down")
 
     # Stopped in reverse start order, so no component sees its dependency vanish first.
-    assert output.startswith("stopped: kube-controller-manager")
+    assert output.startswith("stopped: kubelet")
+    assert "node leftovers removed" in output
     assert not [pid for pid in pids if pid_alive(pid)]
     assert not state_dir.exists()
+    assert not node_dir.exists()
