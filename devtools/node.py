@@ -43,6 +43,7 @@ from typing import Final
 
 CGROUP_FS: Final = Path("/sys/fs/cgroup")
 CNI_BIN_DIR: Final = Path("/usr/lib/cni")
+CNI_RESULTS: Final = Path("/var/lib/cni/results")
 RUNC: Final = Path("/usr/sbin/runc")
 NODE_NAME: Final = "poolbudget-node"
 NAMESPACE: Final = "k8s.io"  # containerd's namespace for CRI (kubelet) images and containers
@@ -107,6 +108,16 @@ class NodeLayout:
     @property
     def containerd_socket(self) -> Path:
         return self.directory / "containerd" / "containerd.sock"
+
+    @property
+    def shim_socket_dir(self) -> Path:
+        """Shim sockets: containerd wants at most 42 characters, so not under the cache."""
+        return Path(f"/run/poolbudget-{self.node_id}")
+
+    @property
+    def network(self) -> str:
+        """The CNI network's name; libcni caches results as /var/lib/cni/results/<name>-*."""
+        return f"poolbudget-{self.node_id}"
 
     def cgroup_dirs(self) -> list[Path]:
         """This node's cgroup in every mounted v1 hierarchy (and the unified one, if any)."""
@@ -176,6 +187,12 @@ def _kill_shims(layout: NodeLayout) -> None:
                 os.kill(int(proc.name), signal.SIGKILL)
 
 
+def sandbox_ids(layout: NodeLayout) -> list[str]:
+    """Ids of the pod sandboxes containerd created for this node (from its own state)."""
+    sandboxes = layout.directory / "containerd" / "root" / "io.containerd.grpc.v1.cri" / "sandboxes"
+    return [d.name for d in sandboxes.iterdir()] if sandboxes.is_dir() else []
+
+
 def cleanup_node(layout: NodeLayout) -> list[str]:
     """Remove everything of one node whose daemons are stopped; say what was removed."""
     removed: list[str] = []
@@ -192,6 +209,14 @@ def cleanup_node(layout: NodeLayout) -> list[str]:
                 continue
             if group == hierarchy_root:
                 removed.append(f"cgroup {group}")
+    # CNI results of pods that never got a CNI DEL (killed, not stopped): libcni keeps them
+    # in /var/lib/cni/results whatever containerd's paths are.
+    for result in CNI_RESULTS.glob("*"):
+        if any(sandbox in result.name for sandbox in sandbox_ids(layout)):
+            result.unlink(missing_ok=True)
+    if layout.shim_socket_dir.exists():
+        shutil.rmtree(layout.shim_socket_dir, ignore_errors=True)
+        removed.append(f"dir {layout.shim_socket_dir}")
     if Path(f"/sys/class/net/{layout.bridge}").exists():
         subprocess.run(["ip", "link", "delete", layout.bridge], capture_output=True, check=False)
         removed.append(f"bridge {layout.bridge}")
@@ -267,6 +292,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
         BinaryName = "{RUNC}"
+        Root = "{d}/runc"  # runc's state, not /run/containerd/runc
         SystemdCgroup = false
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{CNI_BIN_DIR}"]
@@ -279,13 +305,16 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
 [plugins."io.containerd.nri.v1.nri"]
   disable = true
+
+[plugins."io.containerd.shim.v1.manager"]
+  socket_dir = "{layout.shim_socket_dir}/s"
 """
 
 
 def cni_config(layout: NodeLayout, subnet: str) -> str:
     config = {
         "cniVersion": "1.0.0",
-        "name": "poolbudget",
+        "name": layout.network,
         "plugins": [
             {
                 "type": "bridge",

@@ -17,7 +17,7 @@ import pytest
 
 from devtools.images import Builder as ImageBuilder
 from devtools.localcluster import LocalCluster, wait_for
-from devtools.node import NODE_NAME, NodeLayout, sweep_stale_nodes
+from devtools.node import CNI_RESULTS, NODE_NAME, NodeLayout, sandbox_ids, sweep_stale_nodes
 
 pytestmark = pytest.mark.cluster
 
@@ -112,8 +112,13 @@ _CRASHING_LAUNCHER = textwrap.dedent("""\
     """)
 
 
-def _leftovers(layout: NodeLayout) -> list[str]:
+def _leftovers(layout: NodeLayout, sandboxes: list[str]) -> list[str]:
+    """Whatever of the node still exists: cgroups, bridge, mounts, files (its own, the shim
+    sockets', the CNI results of its pod sandboxes), processes."""
     found = [str(g) for g in layout.cgroup_dirs() if g.exists()]
+    if layout.shim_socket_dir.exists():
+        found.append(str(layout.shim_socket_dir))
+    found += [str(r) for r in CNI_RESULTS.glob("*") if any(s in r.name for s in sandboxes)]
     if Path(f"/sys/class/net/{layout.bridge}").exists():
         found.append(f"bridge {layout.bridge}")
     prefix = str(layout.directory)
@@ -146,19 +151,21 @@ def test_sigkilled_launcher_leaves_nothing_after_the_sweep(tmp_path: Path) -> No
         assert line, "the launcher exited before its pods ran"
         directory = Path(json.loads(line)["node_dir"])
         layout = NodeLayout(directory.name, directory)
-        assert _leftovers(layout), "a running node should have mounts, cgroups and a bridge"
+        sandboxes = sandbox_ids(layout)
+        assert len(sandboxes) == 2
+        assert _leftovers(layout, sandboxes), "a running node has mounts, cgroups, a bridge"
     finally:
         launcher.send_signal(signal.SIGKILL)
         launcher.wait(timeout=30)
         if launcher.stdout is not None:
             launcher.stdout.close()
     time.sleep(1)  # PDEATHSIG reaches containerd and the kubelet
-    survivors = _leftovers(layout)
+    survivors = _leftovers(layout, sandboxes)
     assert any("process" in s for s in survivors), "the shims outlive the launcher"
 
     removed = sweep_stale_nodes()
     assert any(r.startswith("bridge") for r in removed)
-    assert _leftovers(layout) == []
+    assert _leftovers(layout, sandboxes) == []
 
 
 def test_stop_leaves_nothing(tmp_path: Path) -> None:
@@ -168,5 +175,7 @@ def test_stop_leaves_nothing(tmp_path: Path) -> None:
     assert layout is not None
     cluster.kubectl("apply", "-f", "-", input=pod("p", ImageBuilder().pause().ref))
     wait_for(lambda: is_ready(pod_status(cluster, "default", "p")), timeout=60, what="pod p Ready")
+    sandboxes = sandbox_ids(layout)
+    assert len(sandboxes) == 1
     cluster.stop()
-    assert _leftovers(layout) == []
+    assert _leftovers(layout, sandboxes) == []
