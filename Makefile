@@ -39,8 +39,8 @@ node-deps: ## make sure runc, the CNI plugins, buildah and debootstrap (Debian) 
 binaries: ## build (or reuse from cache) etcd, kube-*, kubelet, containerd, ctr, helm
 	bash hack/build-binaries.sh
 
-images: venv node-deps binaries ## build (or reuse from cache) the pause and sample app images
-	$(PY) -m devtools.images pause sampleapp
+images: venv node-deps binaries ## build (or reuse from cache) the pause, base, sample app and operator images
+	$(PY) -m devtools.images
 
 image: venv node-deps binaries ## the operator image from ./Dockerfile, as a docker-archive tarball
 	$(PY) -m devtools.images operator

@@ -76,15 +76,15 @@ def _log(message: str) -> None:
 
 def _run(argv: Sequence[str], *, what: str, cwd: Path | None = None) -> str:
     """Run a build step, streaming its output to stderr (the long steps show progress)."""
-    process = subprocess.Popen(
-        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert process.stdout is not None
     lines: list[str] = []
-    for line in process.stdout:
-        lines.append(line)
-        print(f"  {line}", end="", file=sys.stderr, flush=True)
-    if process.wait() != 0:
+    with subprocess.Popen(
+        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            print(f"  {line}", end="", file=sys.stderr, flush=True)
+    if process.returncode != 0:
         tail = "".join(lines[-20:])
         raise ImageBuildError(f"{what} failed (exit {process.returncode}):\n{tail}")
     return "".join(lines)
