@@ -8,6 +8,7 @@ devtools/images.py and imported into the node by LocalCluster(images=[...]).
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -77,7 +78,10 @@ def sampleapp_deployment(
                 "maxSurge": max_surge, "maxUnavailable": unavailable}},
             "template": {
                 "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [container], "terminationGracePeriodSeconds": 10},
+                # The local cluster runs no DNS; the app connects by IP. "Default" uses the
+                # node's resolv.conf instead of warning on every pod that ClusterFirst has none.
+                "spec": {"containers": [container], "terminationGracePeriodSeconds": 10,
+                         "dnsPolicy": "Default"},
             },
         },
     }  # fmt: skip
@@ -147,8 +151,21 @@ def pod_ips(kubectl: Callable[..., Any], namespace: str, app: str) -> list[str]:
 
 def pool_of(ip: str) -> dict[str, Any]:
     """One worker's pool settings as the pod at `ip` built them from its environment."""
-    result: dict[str, Any] = http_json(f"http://{ip}:{APP_PORT}/pool")
+    try:
+        result: dict[str, Any] = http_json(f"http://{ip}:{APP_PORT}/pool")
+    except OSError as error:
+        # Seen once in ~15 runs: a connect timeout to a Ready pod. Say what the host's
+        # network looked like, to find out why if it happens again.
+        raise OSError(f"GET http://{ip}:{APP_PORT}/pool: {error}\n{_network_state()}") from error
     return result
+
+
+def _network_state() -> str:
+    outputs = []
+    for argv in (["ip", "-br", "addr"], ["ip", "route"], ["ip", "neigh"]):
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        outputs.append(f"$ {' '.join(argv)}\n{result.stdout}{result.stderr}")
+    return "\n".join(outputs)
 
 
 def burst(ips: list[str], *, at: float, factor: int, hold: float) -> None:

@@ -260,7 +260,7 @@ WHERE backend_type = 'client backend' GROUP BY 1
 """
 
 
-async def _sample(
+async def sample_connections(
     admin_dsn: str,
     result: RunResult,
     stop: asyncio.Event,
@@ -382,7 +382,7 @@ async def _sample_while(
     admin_dsn: str, result: RunResult, processes: list[subprocess.Popen[str]]
 ) -> None:
     stop = asyncio.Event()
-    sampler = asyncio.create_task(_sample(admin_dsn, result, stop))
+    sampler = asyncio.create_task(sample_connections(admin_dsn, result, stop))
     errors: Counter[str] = Counter()
     loop = asyncio.get_running_loop()
     try:
@@ -573,12 +573,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main()
-    proof = run_proof(args.scale, progress=True, major=args.major)
+    return report(run_proof(args.scale, progress=True, major=args.major), args.json)
+
+
+def report(proof: Proof, json_path: Path | None) -> int:
+    """Print the table (and write the JSON); the exit status says whether the proof holds."""
     print()
     print(render_table(proof))
-    if args.json:
-        args.json.write_text(json.dumps(proof.as_json(), indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if json_path:
+        json_path.write_text(json.dumps(proof.as_json(), indent=2) + "\n")
+        print(f"wrote {json_path}")
     return 0 if proof.holds else 1
 
 

@@ -41,8 +41,8 @@ from devtools.fleet import (
     NAIVE_POOL_SIZE,
     Proof,
     RunResult,
-    _sample,
-    render_table,
+    report,
+    sample_connections,
 )
 from devtools.images import Builder as ImageBuilder
 from devtools.localcluster import LocalCluster, find_binaries
@@ -176,7 +176,9 @@ class Fleet:
         ips: dict[str, list[str]],
     ) -> list[dict[str, Any]]:
         stop = asyncio.Event()
-        sampler = asyncio.create_task(_sample(server.admin_dsn(), result, stop, timeline))
+        sampler = asyncio.create_task(
+            sample_connections(server.admin_dsn(), result, stop, timeline)
+        )
         try:
             outputs: list[dict[str, Any]] = []
             for name, pod_ips in ips.items():
@@ -321,13 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=REPO / "out" / "fleet-pods.png",
                         help="the picture of connections over time (%(default)s)")  # fmt: skip
     args = parser.parse_args(argv)
-    proof = run_pod_proof(args.scale, major=args.major, progress=True, plot=args.plot)
-    print()
-    print(render_table(proof))
-    if args.json:
-        args.json.write_text(json.dumps(proof.as_json(), indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0 if proof.holds else 1
+    return report(
+        run_pod_proof(args.scale, major=args.major, progress=True, plot=args.plot), args.json
+    )
 
 
 if __name__ == "__main__":

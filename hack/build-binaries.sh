@@ -195,6 +195,10 @@ for entry in "${binaries[@]}"; do
   tmp="${out}.tmp.$$"
   timing="${out_dir}/build-time.txt"
   build=(go build -trimpath -tags "$(tags_for "${name}")" -ldflags "${ldflags}" -o "${tmp}" "${pkg}")
+  # A cold kube-apiserver compiles for minutes without a word: say it is still going.
+  ( while sleep 30; do log "  ... ${name}: $(( SECONDS - start )) s"; done ) &
+  heartbeat=$!
+  trap 'kill "${heartbeat}" 2>/dev/null' EXIT
   if [[ -x /usr/bin/time ]]; then
     (cd "${wrappers}/${wrapper}" && /usr/bin/time -o "${timing}" \
       -f "%e s wall, %U s user, %S s sys, %M KiB peak RSS (largest process)" "${build[@]}")
@@ -202,6 +206,7 @@ for entry in "${binaries[@]}"; do
     (cd "${wrappers}/${wrapper}" && "${build[@]}")
     echo "$(( SECONDS - start )) s wall" >"${timing}"
   fi
+  kill "${heartbeat}" 2>/dev/null || true
   mv -f "${tmp}" "${out}"
   built=$(( built + 1 ))
   log "built   ${name} ${version} in $(( SECONDS - start )) s: $(cat "${timing}")"

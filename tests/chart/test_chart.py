@@ -81,6 +81,17 @@ def test_install_manifest_is_up_to_date() -> None:
     assert (REPO / "manifests" / "install.yaml").read_text() == rendered, "run `make manifests`"
 
 
+def rbac_denials(log: str) -> list[str]:
+    """Log lines where the API server refused the operator for lack of a permission. A 403
+    for writing into a namespace that is being deleted (another test's, going away on the
+    shared cluster) is not one: RBAC allowed it."""
+    return [
+        line
+        for line in log.splitlines()
+        if "Forbidden" in line and "because it is being terminated" not in line
+    ]
+
+
 def _release_objects(cluster: LocalCluster, release: str, kinds: str) -> list[str]:
     result = cluster.kubectl(
         "get", kinds, "-A", "-l", f"app.kubernetes.io/instance={release}", "-o", "name"
@@ -141,7 +152,7 @@ def test_cluster_wide_install_runs_as_its_service_account(
             _drive_a_budget(local_cluster, app_namespace, dsn)
         finally:
             operator.stop()
-    assert "Forbidden" not in operator.log(), operator.log()
+    assert rbac_denials(operator.log()) == [], operator.log()
 
     helm(
         "upgrade", release, str(CHART), "--namespace", kube_namespace, "--set", "metrics.port=9090"
@@ -202,7 +213,7 @@ def test_namespaced_install_cannot_touch_other_namespaces(
                 assert Cluster(local_cluster, outside).status("ignored") == {}
             finally:
                 operator.stop()
-        assert "Forbidden" not in operator.log(), operator.log()
+        assert rbac_denials(operator.log()) == [], operator.log()
         helm("uninstall", release, "--namespace", kube_namespace)
         assert (
             _release_objects(
@@ -246,7 +257,7 @@ def test_namespaced_install_over_many_namespaces_still_reconciles(
                 assert len(informers) == 3 * len(watched)
             finally:
                 operator.stop()
-        assert "Forbidden" not in operator.log(), operator.log()
+        assert rbac_denials(operator.log()) == [], operator.log()
         assert "PoolTimeout" not in operator.log(), operator.log()
         helm("uninstall", release, "--namespace", kube_namespace)
     finally:

@@ -124,3 +124,23 @@ class Cluster:
     def ready(self, budget_name: str) -> bool:
         condition = self.condition(budget_name, "Ready")
         return condition is not None and condition["status"] == "True"
+
+    def rolled_out(self, deployment_name: str) -> bool:
+        """The Deployment controller has observed the latest spec and every pod runs it."""
+        found = self.get("deployment", deployment_name)
+        status, spec = found.get("status") or {}, found["spec"]
+        replicas = spec.get("replicas", 1)
+        return bool(
+            status.get("observedGeneration") == found["metadata"]["generation"]
+            and status.get("replicas") == status.get("updatedReplicas") == replicas
+            and status.get("availableReplicas") == replicas
+        )
+
+    def settled(self, budget_name: str) -> bool:
+        """Ready, and the rollouts it started have finished on the node. (Ready alone can
+        be True for a moment before the Deployment controller has observed a restart the
+        operator just made: see the note on issue 13.)"""
+        allocations = self.status(budget_name).get("allocations") or []
+        return self.ready(budget_name) and all(
+            self.rolled_out(a["deploymentName"]) for a in allocations if a.get("state") != "Missing"
+        )

@@ -156,7 +156,7 @@ def _shop_ready(ns: Cluster) -> None:
     """The common start: Deployment api (2 replicas, 4 processes) under budget shop, Ready."""
     ns.apply(deployment("api", 2))
     ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4}]))
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready, rolled out")
 
 
 def test_operator_restart_restarts_no_deployment(
@@ -221,7 +221,7 @@ def test_infeasible_budget_keeps_the_last_good_configmap(ns: Cluster) -> None:
 def test_two_budgets_claiming_one_deployment(ns: Cluster) -> None:
     ns.apply(deployment("api", 1))
     ns.apply(budget("first", [{"deploymentName": "api", "processesPerPod": 2}]))
-    wait_for(lambda: ns.ready("first"), timeout=60, what="PoolBudget first Ready")
+    wait_for(lambda: ns.settled("first"), timeout=60, what="PoolBudget first Ready, rolled out")
     second = budget(
         "second",
         [{"deploymentName": "api", "processesPerPod": 8, "configMapName": "api-pool-2"}],
@@ -236,7 +236,7 @@ def test_two_budgets_claiming_one_deployment(ns: Cluster) -> None:
     assert ns.configmap("api-pool-2") is None
     assert ns.condition("second", "Ready")["reason"] == "TargetConflict"  # type: ignore[index]
     assert ns.events("TargetConflict")
-    assert ns.ready("first")
+    assert ns.ready("first"), json.dumps(ns.status("first").get("conditions"))
 
     # The older claim goes away: the rival is woken and takes the Deployment over.
     ns.kubectl("delete", "poolbudget", "first")

@@ -4,6 +4,7 @@ pooled connection out, a burst reaches every worker, SIGTERM ends it cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,10 +60,18 @@ def start_app(
         [sys.executable, "-m", "uvicorn", "sampleapp:app", "--app-dir", str(APP_DIR),
          "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own group: a failed test kills the workers too
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _ready(base), timeout=30, what="the sample app ready")
     return process, base
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """uvicorn's worker processes outlive a SIGKILLed parent: kill the whole group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=15)
 
 
 def _ready(base: str) -> bool:
@@ -106,9 +115,7 @@ def test_workers_hold_their_pools_and_burst_together_then_exit_on_sigterm(
         wait_for(lambda: apps.live_connections(server, ["sample"])["sample"] == 0, timeout=10,
                  what="every connection closed")  # fmt: skip
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_group(process)
 
 
 def test_not_ready_while_the_database_refuses(server: PostgresServer, tmp_path: Path) -> None:
@@ -121,3 +128,4 @@ def test_not_ready_while_the_database_refuses(server: PostgresServer, tmp_path: 
     finally:
         process.terminate()
         process.wait(timeout=15)
+        kill_group(process)
