@@ -196,7 +196,7 @@ for entry in "${binaries[@]}"; do
   timing="${out_dir}/build-time.txt"
   build=(go build -trimpath -tags "$(tags_for "${name}")" -ldflags "${ldflags}" -o "${tmp}" "${pkg}")
   # A cold kube-apiserver compiles for minutes without a word: say it is still going.
-  ( while sleep 30; do log "  ... ${name}: $(( SECONDS - start )) s"; done ) &
+  ( while sleep 30 && kill -0 $$ 2>/dev/null; do log "  ... ${name}: $(( SECONDS - start )) s"; done ) &
   heartbeat=$!
   trap 'kill "${heartbeat}" 2>/dev/null' EXIT
   if [[ -x /usr/bin/time ]]; then
