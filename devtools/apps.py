@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,9 +113,16 @@ class ConnectionTimeline:
     marks: list[tuple[float, str]] = field(default_factory=list)
 
     def sample(self, server: PostgresServer) -> dict[str, int]:
-        counts = live_connections(server, self.applications)
-        self.samples.append((time.monotonic() - self.started, counts))
-        return counts
+        return self.record(live_connections(server, self.applications))
+
+    def record(self, counts: Mapping[str, int]) -> dict[str, int]:
+        """One sample now: the counts of this timeline's applications (0 where absent)."""
+        sample = {a: int(counts.get(a, 0)) for a in self.applications}
+        self.samples.append((time.monotonic() - self.started, sample))
+        return sample
+
+    def latest(self) -> dict[str, int]:
+        return dict(self.samples[-1][1]) if self.samples else {}
 
     def mark(self, label: str) -> None:
         self.marks.append((time.monotonic() - self.started, label))
@@ -124,6 +132,31 @@ class ConnectionTimeline:
 
     def peak(self, application: str) -> int:
         return max((c.get(application, 0) for _, c in self.samples), default=0)
+
+
+class TimelineSampler:
+    """Samples a ConnectionTimeline every `interval` seconds in a thread of its own while
+    the `with` block runs (the demo and the tests watch pods roll this way)."""
+
+    def __init__(self, server: PostgresServer, applications: list[str], interval: float) -> None:
+        self.server = server
+        self.interval = interval
+        self.timeline = ConnectionTimeline(applications)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.timeline.sample(self.server)
+
+    def __enter__(self) -> TimelineSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 def http_json(url: str, *, method: str = "GET", timeout: float = 10.0) -> Any:

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,33 +50,8 @@ def detail(message: str) -> None:
     print(f"    {message}", flush=True)
 
 
-class Sampler:
-    """Live connections per Deployment, twice a second, in a thread of its own."""
-
-    def __init__(self, database: PostgresServer) -> None:
-        self.database = database
-        self.timeline = apps.ConnectionTimeline(list(FLEET))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self.timeline.sample(self.database)
-
-    def latest(self) -> dict[str, int]:
-        return dict(self.timeline.samples[-1][1]) if self.timeline.samples else {}
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 class Demo:
-    def __init__(self, cluster: LocalCluster, sampler: Sampler) -> None:
+    def __init__(self, cluster: LocalCluster, sampler: apps.TimelineSampler) -> None:
         self.cluster = cluster
         self.sampler = sampler
 
@@ -105,7 +79,7 @@ class Demo:
 
     def allocations_table(self) -> None:
         status = self.status()
-        live = self.sampler.latest()
+        live = self.sampler.timeline.latest()
         detail(
             f"{'TARGET':8} {'PODS':>4} {'WORKERS':>7} {'POOL':>4} {'OVERFLOW':>8} {'PEAK':>5} {'LIVE':>5}  STATE"
         )
@@ -146,7 +120,7 @@ class Demo:
             pods = self.pods()
             line = f"{states}; pods {pods}"
             if line != last:
-                live = self.sampler.latest()
+                live = self.sampler.timeline.latest()
                 detail(f"[{time.strftime('%H:%M:%S')}] {line}; live connections "
                        f"{sum(live.values())} of {usable} usable")  # fmt: skip
                 last = line
@@ -232,7 +206,7 @@ def run(keep: bool, plot_path: Path) -> None:
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in cluster.startup_phases.items())
     detail(f"started in {cluster.startup_seconds:.1f} s ({phases})")
     detail(f"KUBECONFIG={cluster.kubeconfig}")
-    sampler = Sampler(database)
+    sampler = apps.TimelineSampler(database, list(FLEET), interval=0.5)
     demo = Demo(cluster, sampler)
     operator = OperatorProcess(
         kubeconfig=cluster.kubeconfig, log_path=state / "operator.log", die_with_parent=not keep

@@ -237,6 +237,17 @@ class RunResult:
     burst_seconds: float = 0.0
     worker_failures: list[str] = field(default_factory=list)
 
+    def add_worker(self, output: dict[str, Any]) -> None:
+        """One worker's burst report (the same shape from a process and from a pod of the
+        sample app) into the totals."""
+        self.queries += int(output["queries"])
+        self.ok += int(output["ok"])
+        self.pool_timeouts += int(output["pool_timeouts"])
+        for key, count in output["errors"].items():
+            self.errors[str(key)] = self.errors.get(str(key), 0) + int(count)
+        self.max_start_skew = max(self.max_start_skew, float(output["start_skew"]))
+        self.burst_seconds = max(self.burst_seconds, float(output["seconds"]))
+
     @property
     def too_many_clients(self) -> int:
         return self.errors.get(TOO_MANY_CONNECTIONS, 0)
@@ -278,9 +289,7 @@ async def sample_connections(
             result.samples += 1
             result.peak_server_connections = max(result.peak_server_connections, total)
             if timeline is not None:
-                counts = {a: 0 for a in timeline.applications}
-                counts.update({str(n): int(c) for n, c in rows if n in counts})
-                timeline.samples.append((time.monotonic() - timeline.started, counts))
+                timeline.record({str(name): int(count) for name, count in rows})
             for name, count in rows:
                 peak = result.peak_by_application.get(name, 0)
                 result.peak_by_application[name] = max(peak, int(count))
@@ -383,7 +392,6 @@ async def _sample_while(
 ) -> None:
     stop = asyncio.Event()
     sampler = asyncio.create_task(sample_connections(admin_dsn, result, stop))
-    errors: Counter[str] = Counter()
     loop = asyncio.get_running_loop()
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(processes)) as pool:
@@ -396,16 +404,12 @@ async def _sample_while(
         await sampler
     for output in outputs:
         if isinstance(output, BaseException):
-            errors[f"worker-failed:{type(output).__name__}"] += 1
+            failed = f"worker-failed:{type(output).__name__}"
+            result.errors[failed] = result.errors.get(failed, 0) + 1
             result.worker_failures.append(str(output)[-500:])
             continue
-        result.queries += int(output["queries"])
-        result.ok += int(output["ok"])
-        result.pool_timeouts += int(output["pool_timeouts"])
-        errors.update({str(k): int(v) for k, v in output["errors"].items()})
-        result.max_start_skew = max(result.max_start_skew, float(output["start_skew"]))
-        result.burst_seconds = max(result.burst_seconds, float(output["seconds"]))
-    result.errors = dict(sorted(errors.items()))
+        result.add_worker(output)
+    result.errors = dict(sorted(result.errors.items()))
 
 
 def _collect(process: subprocess.Popen[str]) -> dict[str, Any]:

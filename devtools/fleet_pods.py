@@ -26,7 +26,6 @@ import json
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,15 +154,9 @@ class Fleet:
         # Count the fleet's own connections (the operator's probe connection is a client
         # backend too, one of the reserved ones): the table's "+1" is the sampler.
         result.peak_server_connections = timeline.peak_total() + ADMIN_CONNECTIONS
-        errors: Counter[str] = Counter()
         for output in outputs:
-            result.queries += int(output["queries"])
-            result.ok += int(output["ok"])
-            result.pool_timeouts += int(output["pool_timeouts"])
-            errors.update({str(k): int(v) for k, v in output["errors"].items()})
-            result.max_start_skew = max(result.max_start_skew, float(output["start_skew"]))
-            result.burst_seconds = max(result.burst_seconds, float(output["seconds"]))
-        result.errors = dict(sorted(errors.items()))
+            result.add_worker(output)
+        result.errors = dict(sorted(result.errors.items()))
         if len(outputs) != result.processes:
             result.worker_failures.append(f"{len(outputs)} of {result.processes} workers reported")
         return result, timeline

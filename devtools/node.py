@@ -77,12 +77,12 @@ def node_ip() -> str:
 
 def missing_host_packages() -> list[str]:
     """Debian packages the node needs that are not installed (hack/install-node.sh)."""
-    wanted = {
-        "runc": RUNC,
-        "containernetworking-plugins": CNI_BIN_DIR / "bridge",
-        "iproute2": Path("/usr/sbin/ip") if Path("/usr/sbin/ip").exists() else Path("/sbin/ip"),
+    present = {
+        "runc": RUNC.exists(),
+        "containernetworking-plugins": (CNI_BIN_DIR / "bridge").exists(),
+        "iproute2": shutil.which("ip") is not None,
     }
-    return [package for package, path in wanted.items() if not path.exists()]
+    return [package for package, found in present.items() if not found]
 
 
 @dataclass(frozen=True)

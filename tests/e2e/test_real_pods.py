@@ -5,7 +5,6 @@ live connections stay within the budget all the while (old and new pods side by 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -85,16 +84,9 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
     wait_for(lambda: ns.ready("shop"), timeout=120, what="PoolBudget shop Ready")
     wait_for(lambda: rolled_out(ns, "api", 2), timeout=180, what="api rolled out, 2 pods Ready")
 
-    timeline = apps.ConnectionTimeline(["api"])
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.25):
-            timeline.sample(database)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    sampler = apps.TimelineSampler(database, ["api"], interval=0.25)
+    timeline = sampler.timeline
+    with sampler:
         before = ns.allocation("shop", "api")
         assert before is not None
         # Every pod built its engine from the ConfigMap the operator wrote.
@@ -134,9 +126,6 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
             lambda: apps.live_connections(database, ["api"])["api"] == 4 * new_capacity,
             timeout=30, what=f"api holding {4 * new_capacity} connections",
         )  # fmt: skip
-    finally:
-        stop.set()
-        sampler.join(timeout=5)
 
     assert len(timeline.samples) > 20
     assert timeline.peak_total() > 0
