@@ -3,13 +3,23 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+The prefix of every object's name. A release named after the chart, or after some of its
+dash-separated words ("poolbudget", "operator"), gives the chart's name alone
+(`helm install poolbudget ...` -> poolbudget-operator, not poolbudget-poolbudget-operator);
+a release whose name already contains the chart's name is used as it is; any other release
+name is prefixed to it.
+*/}}
 {{- define "poolbudget-operator.fullname" -}}
+{{- $name := include "poolbudget-operator.name" . }}
 {{- if .Values.fullnameOverride }}
 {{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
-{{- else if contains (include "poolbudget-operator.name" .) .Release.Name }}
+{{- else if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else if contains (printf "-%s-" .Release.Name) (printf "-%s-" $name) }}
+{{- $name }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name (include "poolbudget-operator.name" .) | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 
