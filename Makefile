@@ -49,8 +49,9 @@ crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models; 
 	$(PY) -m poolbudget.api.crd > crds/poolbudget.dev_poolbudgets.yaml
 	cp crds/poolbudget.dev_poolbudgets.yaml charts/poolbudget-operator/crds/
 
-manifests: binaries ## regenerate manifests/install.yaml from the chart (a test checks it is current)
+manifests: binaries ## regenerate manifests/install.yaml and install-namespaced.yaml from the chart (tests check them)
 	bash hack/render-install-manifest.sh > manifests/install.yaml
+	bash hack/render-install-manifest.sh default > manifests/install-namespaced.yaml
 
 lint: venv ## ruff
 	$(VENV)/bin/ruff check operator devtools tests images

@@ -73,12 +73,15 @@ def test_defaults_are_restricted_and_probed(helm: Helm) -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
 
 
-def test_install_manifest_is_up_to_date() -> None:
+@pytest.mark.parametrize(
+    ("manifest", "watched"), [("install.yaml", []), ("install-namespaced.yaml", ["default"])]
+)
+def test_install_manifest_is_up_to_date(manifest: str, watched: list[str]) -> None:
     rendered = subprocess.run(
-        ["bash", str(REPO / "hack" / "render-install-manifest.sh")],
+        ["bash", str(REPO / "hack" / "render-install-manifest.sh"), *watched],
         capture_output=True, text=True, check=True, timeout=120,
     ).stdout  # fmt: skip
-    assert (REPO / "manifests" / "install.yaml").read_text() == rendered, "run `make manifests`"
+    assert (REPO / "manifests" / manifest).read_text() == rendered, "run `make manifests`"
 
 
 def rbac_denials(log: str) -> list[str]:

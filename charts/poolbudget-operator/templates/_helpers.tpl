@@ -28,11 +28,17 @@ app.kubernetes.io/name: {{ include "poolbudget-operator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/*
+Labels on every object. Rendered for `kubectl apply` (plainManifests, see
+hack/render-install-manifest.sh) they say so: no helm.sh/chart, managed-by kubectl.
+*/}}
 {{- define "poolbudget-operator.labels" -}}
+{{- if not .Values.plainManifests -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ end -}}
 {{ include "poolbudget-operator.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/managed-by: {{ if .Values.plainManifests }}kubectl{{ else }}{{ .Release.Service }}{{ end }}
 {{- end }}
 
 {{- define "poolbudget-operator.serviceAccountName" -}}
