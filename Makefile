@@ -17,7 +17,7 @@ export POOLBUDGET_CACHE ?= $(HOME)/.cache/poolbudget
 export GOTOOLCHAIN := local
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv postgres node-deps images image fleet-pods binaries crds manifests lint typecheck archcheck unit test test-fast cluster-up cluster-down demo fleet bench clean
+.PHONY: help venv postgres node-deps images image fleet-pods binaries crds manifests chart-docs lint typecheck archcheck unit test test-fast cluster-up cluster-down demo fleet bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -53,12 +53,15 @@ manifests: binaries ## regenerate manifests/install.yaml and install-namespaced.
 	bash hack/render-install-manifest.sh > manifests/install.yaml
 	bash hack/render-install-manifest.sh default > manifests/install-namespaced.yaml
 
+chart-docs: venv ## regenerate the values table in the chart README from values.yaml's comments (a test checks it)
+	$(PY) hack/chart-values-table.py --write
+
 lint: venv ## ruff
-	$(VENV)/bin/ruff check operator devtools tests images
-	$(VENV)/bin/ruff format --check operator devtools tests images
+	$(VENV)/bin/ruff check operator devtools tests images hack
+	$(VENV)/bin/ruff format --check operator devtools tests images hack
 
 typecheck: venv ## mypy --strict
-	$(VENV)/bin/mypy operator/poolbudget devtools tests images/sampleapp/sampleapp.py
+	$(VENV)/bin/mypy operator/poolbudget devtools tests images/sampleapp/sampleapp.py hack/chart-values-table.py
 
 archcheck: venv ## import-linter: the domain stays pure
 	$(VENV)/bin/lint-imports
