@@ -127,7 +127,7 @@ def _drive_a_budget(cluster: LocalCluster, namespace: str, dsn: str) -> Cluster:
     doc = budget("shop", [{"deploymentName": "api", "processesPerPod": 2}])
     doc["spec"]["database"] = {"connectionSecretRef": {"name": "db"}, "refreshSeconds": 5}
     ns.apply(doc)
-    wait_for(lambda: ns.ready("shop"), timeout=90, what=f"PoolBudget {namespace}/shop Ready")
+    wait_for(lambda: ns.settled("shop"), timeout=90, what=f"PoolBudget {namespace}/shop Ready")
     assert ns.configmap("api-db-pool") is not None
     assert ns.template_hash("api") == (ns.allocation("shop", "api") or {}).get("configHash")
     return ns
@@ -285,7 +285,7 @@ def test_two_replicas_never_both_act(
     )
     first.start()
     try:
-        wait_for(lambda: ns.ready("shop"), timeout=60, what="the first replica to reconcile")
+        wait_for(lambda: ns.settled("shop"), timeout=60, what="the first replica to reconcile")
         second.start()  # healthy while standing by
         lease = ns.get("lease", "poolbudget-operator")
         assert lease["spec"]["holderIdentity"].endswith(str(first.pid))

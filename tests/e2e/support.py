@@ -139,8 +139,13 @@ class Cluster:
     def settled(self, budget_name: str) -> bool:
         """Ready, and the rollouts it started have finished on the node. (Ready alone can
         be True for a moment before the Deployment controller has observed a restart the
-        operator just made: see the note on issue 13.)"""
+        operator just made: see the note on issue 13.) Every target must have been seen:
+        a Deployment the operator's informer has not caught up with yet is `Missing`, and
+        a budget whose targets are all Missing is Ready."""
         allocations = self.status(budget_name).get("allocations") or []
-        return self.ready(budget_name) and all(
-            self.rolled_out(a["deploymentName"]) for a in allocations if a.get("state") != "Missing"
+        return (
+            self.ready(budget_name)
+            and bool(allocations)
+            and all(a.get("state") == "Applied" for a in allocations)
+            and all(self.rolled_out(a["deploymentName"]) for a in allocations)
         )

@@ -57,7 +57,7 @@ def test_limits_come_from_the_database_and_follow_a_restart(
     secret(ns, dsn)
     ns.apply(deployment("api", 2))
     ns.apply(db_budget(refresh=5))
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
     status = ns.status("shop")
     assert status["database"]["maxConnections"] == 60
     assert status["database"]["superuserReservedConnections"] == 3
@@ -86,7 +86,7 @@ def test_wrong_password_and_missing_secret_keep_the_last_good_configmap(
     secret(ns, dsn)
     ns.apply(deployment("api", 2))
     ns.apply(db_budget(refresh=5))
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
     good = ns.configmap("api-db-pool")
     sets = ns.replicasets("api")
 
@@ -119,7 +119,7 @@ def test_wrong_password_and_missing_secret_keep_the_last_good_configmap(
         assert leaked not in everything
 
     secret(ns, dsn)  # fixed: back to Ready without touching the Deployment
-    wait_for(lambda: ns.ready("shop"), timeout=30, what="Ready again after the fix")
+    wait_for(lambda: ns.settled("shop"), timeout=30, what="Ready again after the fix")
     assert ns.configmap("api-db-pool") == good
     assert ns.replicasets("api") == sets
 

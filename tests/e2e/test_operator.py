@@ -47,7 +47,7 @@ def test_two_targets_get_configmaps_matching_the_plan_and_a_template_hash(
         ],
     )
     ns.apply(doc)
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
 
     expected = plan_cli(
         doc, tmp_path, "--replicas", "api=3", "--replicas", "worker=2", "--max-surge", "worker=0"
@@ -105,7 +105,7 @@ def test_scaling_rebudgets_and_rolls_but_hpa_covered_scaling_changes_nothing(
             ],
         )
     )
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
     web = ns.allocation("shop", "web")
     assert web is not None
     assert web["podsWorstCase"] == 8 + 2  # HPA max + 25% surge of 8
@@ -141,7 +141,7 @@ def test_scaling_rebudgets_and_rolls_but_hpa_covered_scaling_changes_nothing(
     wait_for(
         lambda: len(ns.replicasets("api")) > len(api_sets), timeout=60, what="a new api ReplicaSet"
     )
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready again")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready again")
 
 
 def _reconciles(process: OperatorProcess, namespace: str) -> float:
@@ -201,7 +201,7 @@ def _writes_stable(process: OperatorProcess, namespace: str, seconds: float) -> 
 def test_infeasible_budget_keeps_the_last_good_configmap(ns: Cluster) -> None:
     ns.apply(deployment("api", 2))
     ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 4, "minPoolSize": 2}]))
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
     good = ns.configmap("api-db-pool")
     # 30 replicas x 4 workers x minPoolSize 2 = 240+ connections > 187 usable.
     ns.kubectl("scale", "deployment", "api", "--replicas=30")
@@ -240,7 +240,7 @@ def test_two_budgets_claiming_one_deployment(ns: Cluster) -> None:
 
     # The older claim goes away: the rival is woken and takes the Deployment over.
     ns.kubectl("delete", "poolbudget", "first")
-    wait_for(lambda: ns.ready("second"), timeout=30, what="second Ready once first is gone")
+    wait_for(lambda: ns.settled("second"), timeout=30, what="second Ready once first is gone")
     assert ns.configmap("api-pool-2") is not None
     assert ns.template_hash("api") == (ns.allocation("second", "api") or {}).get("configHash")
 
@@ -254,14 +254,14 @@ def test_missing_deployment_is_reported_and_its_configmap_written(ns: Cluster) -
     assert ns.configmap("later-db-pool") is not None
     assert ns.events("DeploymentNotFound")
     ns.apply(deployment("later", 1))
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="Ready once the Deployment exists")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="Ready once the Deployment exists")
     assert ns.template_hash("later") == (ns.allocation("shop", "later") or {}).get("configHash")
 
 
 def test_deleting_the_budget_leaves_configmaps(ns: Cluster) -> None:
     ns.apply(deployment("api", 1))
     ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 2}]))
-    wait_for(lambda: ns.ready("shop"), timeout=60, what="PoolBudget shop Ready")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
     ns.kubectl("delete", "poolbudget", "shop", "--timeout=60s")
     assert ns.get("poolbudget", "shop") is None
     assert ns.configmap("api-db-pool") is not None
@@ -277,7 +277,7 @@ def test_health_reports_what_each_informer_holds(
         held = [informers.get(f"{kind} (all namespaces)") for kind in ("Deployment", "PoolBudget")]
         return informers if all(isinstance(n, int) and n >= 1 for n in held) else None
 
-    # Kopf caches /healthz for 10 s: a fresh operator may still answer "listing".
+    # A fresh operator may still answer "listing".
     informers = wait_for(counted, timeout=30, what="/healthz to count the cached objects")
     assert set(informers) == {
         "Deployment (all namespaces)",
