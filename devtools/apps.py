@@ -183,23 +183,41 @@ def pod_ips(kubectl: Callable[..., Any], namespace: str, app: str) -> list[str]:
     return sorted(ips)
 
 
-def pool_of(ip: str) -> dict[str, Any]:
-    """One worker's pool settings as the pod at `ip` built them from its environment.
+def pool_of(ip: str, *, timeout: float = 5.0) -> dict[str, Any]:
+    """One worker's pool settings as the pod at `ip` built them from its environment."""
+    result: dict[str, Any] = http_json(f"http://{ip}:{APP_PORT}/pool", timeout=timeout)
+    return result
 
-    A connection to a pod that has just turned Ready timed out twice in about twenty runs
-    (10 s, the neighbour entry REACHABLE, the kubelet's probes passing): not understood
-    yet, so the first attempts are short and retried, and a last failure says what the
-    host's network looked like."""
-    url = f"http://{ip}:{APP_PORT}/pool"
-    for timeout in (3.0, 3.0, 10.0):
-        try:
-            result: dict[str, Any] = http_json(url, timeout=timeout)
-        except (TimeoutError, urllib.error.URLError) as error:
-            last = error
-            print(f"apps: GET {url}: {error}; retrying", file=sys.stderr, flush=True)
-            continue
-        return result
-    raise OSError(f"GET {url}: {last}\n{_network_state()}") from last
+
+def pools_of(
+    kubectl: Callable[..., Any], namespace: str, app: str, *, count: int, timeout: float = 60.0
+) -> dict[str, dict[str, Any]]:
+    """Pool settings of each of the `count` Ready pods of `app`, by pod IP.
+
+    Pods are listed again when one does not answer: a connection to a pod listed Ready
+    has timed out now and then (about one run in ten, the neighbour entry REACHABLE), and
+    whether that pod was on its way out is what the failure message shows next time."""
+    deadline = time.monotonic() + timeout
+    failures: list[str] = []
+    while True:
+        ips = pod_ips(kubectl, namespace, app)
+        pools: dict[str, dict[str, Any]] = {}
+        for ip in ips:
+            try:
+                pools[ip] = pool_of(ip, timeout=3.0)
+            except (TimeoutError, urllib.error.URLError) as error:
+                failures.append(f"{time.strftime('%H:%M:%S')} {ip}: {error}")
+                print(f"apps: GET {ip}/pool: {error}; listing pods again", file=sys.stderr)
+        if len(pools) == len(ips) == count:
+            return pools
+        if time.monotonic() > deadline:
+            pods = kubectl("-n", namespace, "get", "pods", "-o", "wide", check=False)
+            raise OSError(
+                f"{app}: wanted {count} answering Ready pods, have {sorted(pools)} of {ips}\n"
+                + "\n".join(failures)
+                + f"\n$ kubectl get pods -o wide\n{pods.stdout}{pods.stderr}\n{_network_state()}"
+            )
+        time.sleep(1.0)
 
 
 def _network_state() -> str:

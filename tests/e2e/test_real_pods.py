@@ -81,7 +81,7 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
     ns: Cluster, database: PostgresServer, sampleapp_image: str, local_cluster: LocalCluster
 ) -> None:
     deploy_shop(ns, database, sampleapp_image, api_replicas=2)
-    wait_for(lambda: ns.ready("shop"), timeout=120, what="PoolBudget shop Ready")
+    wait_for(lambda: ns.settled("shop"), timeout=120, what="PoolBudget shop Ready")
     wait_for(lambda: rolled_out(ns, "api", 2), timeout=180, what="api rolled out, 2 pods Ready")
 
     sampler = apps.TimelineSampler(database, ["api"], interval=0.25)
@@ -92,10 +92,9 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
         # Every pod built its engine from the ConfigMap the operator wrote.
         data = ns.configmap("api-db-pool")
         assert data is not None
-        ips = apps.pod_ips(local_cluster.kubectl, ns.namespace, "api")
-        assert len(ips) == 2
-        for ip in ips:
-            pool = apps.pool_of(ip)
+        pools = apps.pools_of(local_cluster.kubectl, ns.namespace, "api", count=2)
+        ips = list(pools)
+        for pool in pools.values():
             assert pool["pool_size"] == int(data["DB_POOL_SIZE"]) == before["poolSize"]
             assert pool["max_overflow"] == int(data["DB_MAX_OVERFLOW"])
         # Each worker keeps its whole pool busy: 2 pods x 2 workers x (pool + overflow).
@@ -115,12 +114,12 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
         )  # fmt: skip
         after = ns.allocation("shop", "api")
         assert after is not None
-        wait_for(lambda: ns.ready("shop"), timeout=180, what="PoolBudget shop Ready again")
+        wait_for(lambda: ns.settled("shop"), timeout=180, what="PoolBudget shop Ready again")
         wait_for(lambda: rolled_out(ns, "api", 2), timeout=240, what="api rolled out again")
-        new_ips = apps.pod_ips(local_cluster.kubectl, ns.namespace, "api")
-        assert set(new_ips).isdisjoint(ips), "every pod was replaced"
-        for ip in new_ips:
-            assert apps.pool_of(ip)["pool_size"] == after["poolSize"]
+        new_pools = apps.pools_of(local_cluster.kubectl, ns.namespace, "api", count=2)
+        assert set(new_pools).isdisjoint(ips), "every pod was replaced"
+        for pool in new_pools.values():
+            assert pool["pool_size"] == after["poolSize"]
         new_capacity = after["poolSize"] + after["maxOverflow"]
         wait_for(
             lambda: apps.live_connections(database, ["api"])["api"] == 4 * new_capacity,
