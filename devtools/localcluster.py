@@ -190,7 +190,7 @@ def _openssl(*args: str) -> None:
         raise LocalClusterError(f"openssl {' '.join(args)} failed:\n{result.stdout}")
 
 
-_OPENSSL_CONFIG = f"""\
+_OPENSSL_CONFIG = """\
 [req]
 distinguished_name = dn
 prompt = no
@@ -203,7 +203,7 @@ subjectKeyIdentifier = hash
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature, keyEncipherment
 extendedKeyUsage = serverAuth
-subjectAltName = IP:{LOOPBACK}, IP:{FIRST_SERVICE_IP}, DNS:localhost, DNS:kubernetes, \
+subjectAltName = {server_ips}, DNS:localhost, DNS:kubernetes, \
 DNS:kubernetes.default, DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
 [client]
 basicConstraints = critical, CA:FALSE
@@ -226,10 +226,12 @@ class Pki:
         return self.path("ca.crt")
 
 
-def make_pki(directory: Path) -> Pki:
+def make_pki(directory: Path, *, server_ips: Sequence[str] = (LOOPBACK, FIRST_SERVICE_IP)) -> Pki:
+    """The cluster's CA and every certificate; the serving ones are valid for `server_ips`
+    (pods reach kube-apiserver as the `kubernetes` Service, FIRST_SERVICE_IP)."""
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "openssl.cnf"
-    config.write_text(_OPENSSL_CONFIG)
+    config.write_text(_OPENSSL_CONFIG.format(server_ips=", ".join(f"IP:{ip}" for ip in server_ips)))
 
     def pem(name: str) -> str:
         return str(directory / name)
@@ -409,6 +411,7 @@ class LocalCluster:
         self.startup_phases: dict[str, float] = {}
         self._components: list[_Component] = []
         self._server_url: str | None = None
+        self._apiserver_port = 0
         self._pki = Pki(self.state_dir / "pki")
         self._began = 0.0
 
@@ -464,7 +467,13 @@ class LocalCluster:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         (self.data_dir / "etcd").mkdir(parents=True)
         (self.data_dir / "etcd").chmod(0o700)
-        self._pki = make_pki(self.state_dir / "pki")
+        # With a node, kube-apiserver listens on the node IP: pods reach it there (through
+        # the `kubernetes` Service address, see node.route_api_service); loopback otherwise.
+        self.node_ip = node_setup.node_ip() if self.with_node else None
+        self._pki = make_pki(
+            self.state_dir / "pki",
+            server_ips=[LOOPBACK, FIRST_SERVICE_IP, *filter(None, [self.node_ip])],
+        )
         self._phase("certificates")
         if not self.detach:
             atexit.register(self.stop)
@@ -568,7 +577,9 @@ class LocalCluster:
         etcd_port, etcd_peer_port = free_port(), free_port()
         apiserver_port, kcm_port = free_port(), free_port()
         etcd_url = f"http://{LOOPBACK}:{etcd_port}"
-        self._server_url = f"https://{LOOPBACK}:{apiserver_port}"
+        listen = self.node_ip or LOOPBACK
+        self._apiserver_port = apiserver_port
+        self._server_url = f"https://{listen}:{apiserver_port}"
 
         write_kubeconfig(
             self.kubeconfig,
@@ -611,8 +622,8 @@ class LocalCluster:
             [
                 str(self.binaries.kube_apiserver),
                 f"--etcd-servers={etcd_url}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
+                f"--bind-address={listen}",
+                f"--advertise-address={listen}",
                 f"--secure-port={apiserver_port}",
                 f"--tls-cert-file={pki.path('kube-apiserver.crt')}",
                 f"--tls-private-key-file={pki.path('kube-apiserver.key')}",
@@ -633,8 +644,8 @@ class LocalCluster:
                 f"--kubelet-client-certificate={pki.path('apiserver-kubelet-client.crt')}",
                 f"--kubelet-client-key={pki.path('apiserver-kubelet-client.key')}",
                 "--kubelet-preferred-address-types=InternalIP",
-                # The "kubernetes" Service cannot point at a loopback address; nothing here
-                # routes to it anyway.
+                # No Endpoints for the "kubernetes" Service: there is no kube-proxy to
+                # route them (a node routes the Service address itself, one DNAT rule).
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
                 "--v=1",
@@ -712,11 +723,14 @@ class LocalCluster:
         pki, server = self._pki, self.server_url
         pause = ImageBuilder().pause()
         layout = self.node_layout = NodeLayout.new()
-        self.node_ip = node_setup.node_ip()
+        assert self.node_ip is not None
         for sub in ("containerd", "cni/net.d", "kubelet"):
             (layout.directory / sub).mkdir(parents=True, exist_ok=True)
         node_setup.prepare_cgroups(layout)
         node_setup.create_bridge(layout, node_setup.pick_subnet())
+        node_setup.route_api_service(
+            layout, service=(FIRST_SERVICE_IP, 443), to=(self.node_ip, self._apiserver_port)
+        )
 
         scheduler_port = free_port()
         scheduler_kubeconfig = write_kubeconfig(
@@ -907,7 +921,7 @@ def up(state_dir: Path, timeout: float, *, node: bool) -> int:
         return 0
     if (state_dir / PIDS_FILE).exists():
         down(state_dir)  # a half-dead cluster from an earlier run
-    images = [ImageBuilder().sampleapp()] if node else []
+    images = [ImageBuilder().sampleapp(), ImageBuilder().operator()] if node else []
     cluster = LocalCluster(
         state_dir, binaries=find_binaries(), startup_timeout=timeout, detach=True, node=node,
         images=images,

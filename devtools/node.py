@@ -9,7 +9,10 @@ teardown, also after the launcher was SIGKILLed, can find and remove all of it:
   network namespaces, the kubelet's root dir, CNI config and IPAM), never in a test's tmp dir, so no
   `rm -rf` ever walks into a live container's mounts;
 * cgroups: ``/sys/fs/cgroup/<controller>/poolbudget-<id>/`` (the kubelet's cgroupRoot);
-* network: bridge ``pb-<id>`` with a /24 of 10.244.0.0/16 and no iptables rules.
+* network: bridge ``pb-<id>`` with a /24 of 10.244.0.0/16, and one iptables nat chain
+  ``PB-<id>`` that routes the ``kubernetes`` Service address to kube-apiserver for pods on
+  that bridge (there is no kube-proxy: two clusters' kube-proxies would fight over one set of
+  KUBE-* chains; a chain per node cannot).
 
 `sweep_stale_nodes()` removes the leftovers of every node whose containerd no longer runs:
 it is called before a node starts and by ``python -m devtools.localcluster down``.
@@ -23,7 +26,8 @@ Workarounds this machine needs, and why:
 * no registry: images are imported with ``ctr images import`` and image GC is off
   (thresholds 100/99), else the kubelet would delete an image no registry can give back.
 * the kubelet refuses a loopback node IP: the node uses the address of the default route,
-  and PostgreSQL listens there too when pods must reach it.
+  and PostgreSQL listens there too when pods must reach it; so does kube-apiserver, which
+  pods in-cluster (the operator's own pod) reach as https://10.0.0.1:443.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def missing_host_packages() -> list[str]:
         "runc": RUNC.exists(),
         "containernetworking-plugins": (CNI_BIN_DIR / "bridge").exists(),
         "iproute2": shutil.which("ip") is not None,
+        "iptables": shutil.which("iptables") is not None,
     }
     return [package for package, found in present.items() if not found]
 
@@ -113,6 +118,10 @@ class NodeLayout:
     def shim_socket_dir(self) -> Path:
         """Shim sockets: containerd wants at most 42 characters, so not under the cache."""
         return Path(f"/run/poolbudget-{self.node_id}")
+
+    @property
+    def nat_chain(self) -> str:
+        return f"PB-{self.node_id}"  # iptables chain names: at most 28 characters
 
     @property
     def network(self) -> str:
@@ -217,6 +226,8 @@ def cleanup_node(layout: NodeLayout) -> list[str]:
     if layout.shim_socket_dir.exists():
         shutil.rmtree(layout.shim_socket_dir, ignore_errors=True)
         removed.append(f"dir {layout.shim_socket_dir}")
+    if _remove_nat_chain(layout):
+        removed.append(f"iptables chain {layout.nat_chain}")
     if Path(f"/sys/class/net/{layout.bridge}").exists():
         subprocess.run(["ip", "link", "delete", layout.bridge], capture_output=True, check=False)
         removed.append(f"bridge {layout.bridge}")
@@ -254,7 +265,37 @@ def sweep_stale_nodes() -> list[str]:
         if _record_owner_alive(record):
             continue
         removed += cleanup_node(NodeLayout(directory.name, directory))
+    # A chain whose node directory is gone (a cleanup interrupted after the rmtree).
+    for chain in _nat_chains():
+        node_id = chain.removeprefix("PB-")
+        if not (root / node_id).exists():
+            layout = NodeLayout(node_id, root / node_id)
+            if _remove_nat_chain(layout):
+                removed.append(f"iptables chain {chain}")
     return removed
+
+
+def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["iptables", "-w", "5", "-t", "nat", *args], capture_output=True, text=True, check=False
+    )
+
+
+def _nat_chains() -> list[str]:
+    listing = _iptables("-S").stdout if shutil.which("iptables") else ""
+    return [line.split()[1] for line in listing.splitlines() if line.startswith("-N PB-")]
+
+
+def _remove_nat_chain(layout: NodeLayout) -> bool:
+    """Unhook and delete the node's nat chain; False when there was none."""
+    if layout.nat_chain not in _nat_chains():
+        return False
+    jump = ["PREROUTING", "-i", layout.bridge, "-j", layout.nat_chain]
+    while _iptables("-D", *jump).returncode == 0:
+        pass
+    _iptables("-F", layout.nat_chain)
+    _iptables("-X", layout.nat_chain)
+    return True
 
 
 # --------------------------------------------------------------------------- configs
@@ -415,6 +456,22 @@ def create_bridge(layout: NodeLayout, subnet: str) -> None:
     (layout.directory / "cni" / "net.d" / "10-poolbudget.conflist").write_text(
         cni_config(layout, subnet)
     )
+
+
+def route_api_service(layout: NodeLayout, *, service: tuple[str, int], to: tuple[str, int]) -> None:
+    """Pods on this node's bridge reach `service` (the `kubernetes` Service's ClusterIP and
+    port, which the kubelet puts in every pod's KUBERNETES_SERVICE_HOST/PORT) at `to`, the
+    address kube-apiserver listens on: what kube-proxy would do for this one Service."""
+    (service_ip, service_port), (address, port) = service, to
+    for args in (
+        ["-N", layout.nat_chain],
+        ["-A", layout.nat_chain, "-d", f"{service_ip}/32", "-p", "tcp",
+         "--dport", str(service_port), "-j", "DNAT", "--to-destination", f"{address}:{port}"],
+        ["-A", "PREROUTING", "-i", layout.bridge, "-j", layout.nat_chain],
+    ):  # fmt: skip
+        result = _iptables(*args)
+        if result.returncode != 0:
+            raise NodeError(f"iptables -t nat {' '.join(args)}: {result.stderr.strip()}")
 
 
 def write_record(layout: NodeLayout, *, containerd: str, pid: int) -> None:

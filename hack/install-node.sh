@@ -4,6 +4,7 @@
 #                                its shim and ctr are built from Go modules: build-binaries.sh)
 #   containernetworking-plugins  bridge, host-local and loopback CNI plugins (/usr/lib/cni)
 #   iproute2                     the pods' bridge
+#   iptables                     routes the `kubernetes` Service address to kube-apiserver
 #   buildah                      builds the Dockerfiles without a Docker engine
 #   debootstrap                  the Debian base image the Dockerfiles build on
 #   gcc, libc6-dev               the static pause binary
@@ -15,6 +16,7 @@ command -v runc >/dev/null 2>&1 || need+=(runc)
 [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local && -x /usr/lib/cni/loopback ]] ||
     need+=(containernetworking-plugins)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v buildah >/dev/null 2>&1 || need+=(buildah)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)

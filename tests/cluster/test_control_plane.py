@@ -32,4 +32,4 @@ def test_admin_kubeconfig_is_cluster_admin(local_cluster: LocalCluster) -> None:
 
     assert whoami["status"]["userInfo"]["username"] == "poolbudget-admin"
     assert "system:masters" in whoami["status"]["userInfo"]["groups"]
-    assert local_cluster.server_url.startswith("https://127.0.0.1:")
+    assert local_cluster.server_url.startswith(f"https://{local_cluster.node_ip or '127.0.0.1'}:")
