@@ -74,6 +74,44 @@ def test_a_pod_runs_gets_an_ip_and_is_ready(
     assert status["containerStatuses"][0]["started"] is True
 
 
+# In a pod, with the ServiceAccount token and CA the kubelet mounts: what any in-cluster
+# client (Kopf's login, the operator's) does first.
+_IN_CLUSTER_GET = """
+import json, os, ssl, urllib.request
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
+request = urllib.request.Request(
+    f"https://{host}:{port}/version",
+    headers={"Authorization": "Bearer " + open(f"{sa}/token").read()},
+)
+context = ssl.create_default_context(cafile=f"{sa}/ca.crt")
+with urllib.request.urlopen(request, context=context, timeout=10) as response:
+    print(json.dumps({"address": f"{host}:{port}", "status": response.status,
+                      "version": json.load(response)["gitVersion"]}))
+"""
+
+
+def test_a_pod_reaches_the_api_server_as_the_kubernetes_service(
+    local_cluster: LocalCluster, kube_namespace: str
+) -> None:
+    image = ImageBuilder().base()
+    local_cluster.import_image(image)
+    manifest = pod("client", image.ref, restartPolicy="Never")
+    spec = json.loads(manifest)
+    spec["spec"]["containers"][0]["command"] = ["python3", "-c", _IN_CLUSTER_GET]
+    local_cluster.kubectl("-n", kube_namespace, "apply", "-f", "-", input=json.dumps(spec))
+    wait_for(
+        lambda: pod_status(local_cluster, kube_namespace, "client").get("phase")
+        in ("Succeeded", "Failed"),
+        timeout=60, what="pod client finished",
+    )  # fmt: skip
+    logs = local_cluster.kubectl("-n", kube_namespace, "logs", "client").stdout
+    assert pod_status(local_cluster, kube_namespace, "client")["phase"] == "Succeeded", logs
+    answer = json.loads(logs.strip().splitlines()[-1])
+    assert answer == {"address": "10.0.0.1:443", "status": 200, "version": answer["version"]}
+    assert answer["version"].startswith("v1.36.")
+
+
 def test_a_missing_image_is_reported_not_pulled(
     local_cluster: LocalCluster, kube_namespace: str
 ) -> None:
@@ -121,6 +159,8 @@ def _leftovers(layout: NodeLayout, sandboxes: list[str]) -> list[str]:
     found += [str(r) for r in CNI_RESULTS.glob("*") if any(s in r.name for s in sandboxes)]
     if Path(f"/sys/class/net/{layout.bridge}").exists():
         found.append(f"bridge {layout.bridge}")
+    nat = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout
+    found += [line for line in nat.splitlines() if layout.nat_chain in line]
     prefix = str(layout.directory)
     mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     found += [m.split()[4] for m in mounts if m.split()[4].startswith(prefix)]
