@@ -87,7 +87,7 @@ class OperatorProcess:
             return False
 
     def health(self) -> dict[str, Any]:
-        """/healthz as JSON: one entry per probe (budgets, informers); Kopf caches it 10 s."""
+        """/healthz as JSON: {"budgets": n, "informers": {name: count or state}}."""
         with urllib.request.urlopen(
             f"http://127.0.0.1:{self.health_port}/healthz", timeout=5
         ) as response:

@@ -5,11 +5,16 @@ How the pieces fit:
   (adapters/informer.py: list once, then watch), not by `@kopf.index`, whose start-up
   cost grows with the square of the objects listed. They write nothing to the objects
   (no Kopf annotations on user Deployments). Kopf itself watches PoolBudgets only.
-* Each PoolBudget has one daemon that reconciles, then sleeps until woken by a relevant
+* Each PoolBudget has one loop (a task) that reconciles, then sleeps until woken by a relevant
   change (a target's replicas/strategy/hash/rollout, its HPA's maxReplicas, a rival
   claim, the budget's spec) or until the database's limits are due for a re-read
   (`refreshSeconds`). Its first reconcile waits until every informer has listed, so a
   restart never mistakes a not-yet-listed Deployment for a missing one.
+* The loops are tasks of ours, started and stopped by the PoolBudget event handler, not
+  `@kopf.daemon`s: Kopf puts a finalizer on every object with a daemon (to stop it on
+  deletion), and after `helm uninstall` that finalizer would block deleting a budget or its
+  namespace. Nothing needs cleaning up when a budget goes (its ConfigMaps stay, on purpose),
+  so there is no finalizer; Kopf removes the one earlier versions added on its next event.
 * Changes that alter nothing relevant (status heartbeats, labels) wake nobody: the
   informers compare slim views and report only differences.
 * Every handler is `async def`, even those that never await: Kopf runs plain functions in
@@ -20,14 +25,18 @@ How the pieces fit:
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import kopf
 
 from poolbudget import metrics
+from poolbudget.adapters.health import HealthServer, ProbeResult
 from poolbudget.adapters.informer import (
     DeploymentResource,
     HpaResource,
@@ -62,6 +71,8 @@ class Runtime:
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     memories: dict[Key, BudgetMemory] = field(default_factory=dict)
     last_generations: dict[Key, int] = field(default_factory=dict)
+    bodies: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    loops: dict[Key, BudgetLoop] = field(default_factory=dict)
 
     def wakeup(self, key: Key) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
@@ -105,6 +116,47 @@ class Runtime:
         for informer in self.informers:
             await informer.synced.wait()
 
+    def ensure_loop(self, key: Key) -> None:
+        """A loop for this budget, unless one runs. A budget deleted and created again at
+        once gets a new loop and memory while the old loop finishes its round."""
+        running = self.loops.get(key)
+        if running is not None and not running.task.done():
+            return
+        memory = self.memories[key] = BudgetMemory()
+        loop = BudgetLoop(memory=memory)
+        loop.task = asyncio.create_task(budget_loop(self, key, loop), name=f"budget {key}")
+        self.loops[key] = loop
+
+    def stop_loop(self, key: Key) -> None:
+        """Let the budget's loop leave after its current round (never mid-write)."""
+        self.bodies.pop(key, None)
+        loop = self.loops.pop(key, None)
+        if loop is not None:
+            loop.stopped.set()
+
+    async def stop_loops(self, grace: float) -> None:
+        """Operator shutdown: every loop leaves; one still writing after `grace` seconds
+        is cancelled."""
+        loops = list(self.loops.values())
+        for key in list(self.loops):
+            self.stop_loop(key)
+        tasks = [loop.task for loop in loops]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(eq=False)
+class BudgetLoop:
+    """One budget's reconcile loop: its task, its stop signal, what it remembers."""
+
+    memory: BudgetMemory
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] = field(init=False)
+
 
 def _ns(namespace: str | None) -> str:
     """Everything watched here is namespaced; Kopf types the argument as optional."""
@@ -118,9 +170,35 @@ def _runtime(memo: kopf.Memo) -> Runtime:
     return runtime
 
 
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@kopf.on.login()
+async def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the API server at KUBERNETES_SERVICE_HOST:PORT with the mounted token, as
+    client-go and our own client (lightkube) find it. Kopf's built-in service-account login
+    asks DNS for kubernetes.default.svc instead, which a cluster without DNS cannot
+    answer, and would split the operator between two endpoints. Elsewhere: the kubeconfig."""
+    host, port = (
+        os.environ.get("KUBERNETES_SERVICE_HOST"),
+        os.environ.get("KUBERNETES_SERVICE_PORT"),
+    )
+    token_file = SERVICE_ACCOUNT / "token"
+    if not (host and port and token_file.exists()):
+        return kopf.login_with_kubeconfig(settings=settings, **kwargs)
+    namespace_file, ca_file = SERVICE_ACCOUNT / "namespace", SERVICE_ACCOUNT / "ca.crt"
+    return kopf.ConnectionInfo(
+        server=f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}",
+        ca_path=str(ca_file) if ca_file.exists() else None,
+        token=token_file.read_text().strip(),  # read again on every re-login: it rotates
+        default_namespace=namespace_file.read_text().strip() if namespace_file.exists() else None,
+    )
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Kopf's own bookkeeping goes under our prefix, on PoolBudgets only.
+    # Kopf's own bookkeeping goes under our prefix, on PoolBudgets only. No handler needs a
+    # finalizer; naming the one operator versions with a daemon added lets Kopf remove it.
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -137,6 +215,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     namespaces = memo.get("namespaces")
     runtime.start_informers(list(namespaces) if isinstance(namespaces, list) else [])
     memo["runtime"] = runtime
+    health = memo.get("health")
+    if isinstance(health, tuple):
+        address, port = health
+        server = HealthServer(
+            address, port, liveness=lambda: liveness(runtime), readiness=lambda: readiness(runtime)
+        )
+        await server.start()
+        memo["health_server"] = server
 
 
 @kopf.on.cleanup()
@@ -144,118 +230,125 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     lease_task = memo.get("lease_task")
     if isinstance(lease_task, asyncio.Task):
         lease_task.cancel()
+    server = memo.get("health_server")
+    if isinstance(server, HealthServer):
+        await server.stop()
     runtime = _runtime(memo)
+    await runtime.stop_loops(grace=10.0)
     for task in runtime.informer_tasks:
         task.cancel()
     await asyncio.gather(*runtime.informer_tasks, return_exceptions=True)
     for client in runtime.watch_clients:
         await client.close()
-    for memory in runtime.memories.values():
-        if memory.prober is not None:
-            await memory.prober.close()
     await runtime.kube.close()
 
 
-@kopf.on.probe(id="budgets")
-async def probe_budgets(memo: kopf.Memo, **_: Any) -> int:
-    return len(_runtime(memo).memories)
-
-
-@kopf.on.probe(id="informers")
-async def probe_informers(memo: kopf.Memo, **_: Any) -> dict[str, int | str]:
-    return informer_health(_runtime(memo))
-
-
-def informer_health(runtime: Runtime) -> dict[str, int | str]:
-    """Objects cached per informer. An informer that stopped fails /healthz (HTTP 500), so
-    the liveness probe restarts an operator that would otherwise go blind to changes."""
+def informer_states(runtime: Runtime) -> dict[str, int | str]:
+    """Per informer: the objects it holds once listed, else what it is doing."""
+    states: dict[str, int | str] = {}
     for informer, task in zip(runtime.informers, runtime.informer_tasks, strict=True):
+        name = f"{informer.kind} ({informer.scope})"
         if task.done():
-            raise kopf.PermanentError(f"the {informer.kind} informer ({informer.scope}) stopped")
-    return {
-        f"{informer.kind} ({informer.scope})": len(informer.items)
-        if informer.synced.is_set()
-        else "listing"
-        for informer in runtime.informers
-    }
+            states[name] = "stopped"
+        elif informer.failing is not None:
+            states[name] = f"failing: {informer.failing}"
+        elif not informer.synced.is_set():
+            states[name] = "listing"
+        else:
+            states[name] = len(informer.items)
+    return states
+
+
+def liveness(runtime: Runtime) -> ProbeResult:
+    """Fails when an informer task has ended: the operator is blind to changes, and a
+    restart is the cure. (Not when one cannot list: that is readiness, see below.)"""
+    states = informer_states(runtime)
+    report = {"budgets": len(runtime.memories), "informers": states}
+    return ProbeResult(ok="stopped" not in states.values(), report=report)
+
+
+def readiness(runtime: Runtime) -> ProbeResult:
+    """Ready once every informer has listed, and while none is failing to list or watch."""
+    states = informer_states(runtime)
+    report = {"budgets": len(runtime.memories), "informers": states}
+    return ProbeResult(ok=all(isinstance(n, int) for n in states.values()), report=report)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def budget_changed(
-    type: str, namespace: str | None, name: str, meta: kopf.Meta, memo: kopf.Memo, **_: Any
+    type: str,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
-    """Wake the budget when its spec changes (our own status patches do not bump generation).
+    """Start, feed and stop each budget's loop; wake it when its spec changes (our own
+    status patches do not bump generation).
 
-    This rides on Kopf's watch, not the PoolBudget informer: the daemon reads its spec from
-    Kopf's body, which is fresh by the time this handler runs.
+    This rides on Kopf's watch, not the PoolBudget informer: Kopf's body is fresh by the
+    time this handler runs, and the loop reads its spec from the copy kept here.
     """
     runtime = _runtime(memo)
     key = (_ns(namespace), name)
-    generation = int(meta.get("generation") or 0)
-    if type == "DELETED":
+    if type == "DELETED" or meta.get("deletionTimestamp"):
         runtime.last_generations.pop(key, None)  # budgets come and go; forget them
-    elif runtime.last_generations.get(key) == generation:
+        runtime.stop_loop(key)
         return
-    else:
-        runtime.last_generations[key] = generation
+    runtime.bodies[key] = copy.deepcopy(dict(body))
+    runtime.ensure_loop(key)
+    generation = int(meta.get("generation") or 0)
+    if runtime.last_generations.get(key) == generation:
+        return
+    runtime.last_generations[key] = generation
     runtime.wakeup(key).set()
 
 
 # --- the reconcile loop, one per PoolBudget ----------------------------------------------
 
 
-# The backoff lets a stopped daemon leave between reconciles (it waits on `stopped`)
-# rather than be cancelled in the middle of one.
-@kopf.daemon(
-    GROUP, VERSION, PLURAL, id="reconcile", cancellation_backoff=5, cancellation_timeout=10
-)
-async def budget_daemon(
-    stopped: kopf.DaemonStopped,
-    namespace: str | None,
-    name: str,
-    body: kopf.Body,
-    memo: kopf.Memo,
-    logger: kopf.Logger,
-    **_: Any,
-) -> None:
-    runtime = _runtime(memo)
-    key = (_ns(namespace), name)
+async def budget_loop(runtime: Runtime, key: Key, loop: BudgetLoop) -> None:
+    """Reconcile, then sleep until woken or until the reconciler asks to look again."""
+    namespace, name = key
     wake = runtime.wakeup(key)
-    memory = runtime.memories.setdefault(key, BudgetMemory())
+    stopped = loop.stopped
     try:
         await _first_of(runtime.synced(), stopped.wait(), delay=None)
-        while not stopped:
+        while not stopped.is_set() and (body := runtime.bodies.get(key)) is not None:
             wake.clear()
             claims = budget_claims(body)
             observed = runtime.view.observe(key, claims.created, claims.deployments)
+            metadata = body.get("metadata") or {}
             budget = BudgetObject(
-                namespace=key[0],
+                namespace=namespace,
                 name=name,
-                uid=str(body.metadata.uid),
-                generation=int(body.metadata.get("generation") or 0),
+                uid=str(metadata.get("uid", "")),
+                generation=int(metadata.get("generation") or 0),
                 created=claims.created,
-                spec=dict(body.spec),
-                status=dict(body.status),
+                spec=dict(body.get("spec") or {}),
+                status=dict(body.get("status") or {}),
             )
             delay: float | None
             try:
-                outcome = await runtime.reconciler.reconcile(budget, observed, memory)
+                outcome = await runtime.reconciler.reconcile(budget, observed, loop.memory)
                 delay = outcome.next_check_seconds
             except Exception:  # the loop must survive anything; the next round retries
-                logger.exception("reconcile failed; retrying")
+                logger.exception("PoolBudget %s/%s: reconcile failed; retrying", namespace, name)
                 delay = 10.0
             await _first_of(wake.wait(), stopped.wait(), delay=delay)
     finally:
-        runtime.memories.pop(key, None)
-        if memory.prober is not None:
-            await memory.prober.close()
-        metrics.forget_budget(key[0], name)
+        if runtime.memories.get(key) is loop.memory:
+            del runtime.memories[key]
+            metrics.forget_budget(namespace, name)
+        if loop.memory.prober is not None:
+            await loop.memory.prober.close()
 
 
 async def _first_of(*waits: Awaitable[Any], delay: float | None) -> None:
     """Wait for whichever comes first: one of `waits`, or `delay` seconds (None: no limit).
 
-    The daemon always waits on `stopped` too: a budget being deleted (its namespace
+    The loop always waits on `stopped` too: a budget being deleted (its namespace
     terminating) must stop at once, not reconcile on every wake-up until Kopf cancels it.
     """
     tasks = [asyncio.ensure_future(wait) for wait in waits]

@@ -267,6 +267,21 @@ def test_deleting_the_budget_leaves_configmaps(ns: Cluster) -> None:
     assert ns.configmap("api-db-pool") is not None
 
 
+def test_no_finalizer_and_the_one_earlier_builds_added_is_removed(ns: Cluster) -> None:
+    """Deleting a budget, or its namespace, must not wait for the operator (it may be
+    uninstalled). Earlier builds ran a Kopf daemon per budget, which put a finalizer on it."""
+    ns.apply(deployment("api", 1))
+    fresh = budget("fresh", [{"deploymentName": "api"}])
+    legacy = budget("legacy", [{"deploymentName": "api", "configMapName": "api-legacy"}])
+    legacy["metadata"]["finalizers"] = ["poolbudget.dev/finalizer"]
+    ns.apply(fresh)
+    ns.apply(legacy)
+    wait_for(lambda: ns.settled("fresh"), timeout=60, what="PoolBudget fresh Ready")
+    wait_for(lambda: not ns.get("poolbudget", "legacy")["metadata"].get("finalizers"),
+             timeout=30, what="the operator to remove the old finalizer")  # fmt: skip
+    assert not ns.get("poolbudget", "fresh")["metadata"].get("finalizers")
+
+
 def test_health_reports_what_each_informer_holds(
     ns: Cluster, operator_process: OperatorProcess
 ) -> None:

@@ -73,6 +73,8 @@ class Informer(Generic[View]):
     ) -> None:
         self.items: dict[Key, View] = {}
         self.synced = asyncio.Event()
+        # Why the last list or watch failed, until a list succeeds again (readiness).
+        self.failing: str | None = None
         self._client = client
         self._resource = resource
         self.kind = kind
@@ -92,6 +94,7 @@ class Informer(Generic[View]):
             try:
                 version = await self._relist()
                 self.synced.set()
+                self.failing = None
                 backoff = 1.0
                 await self._watch(version)
             except (ApiError, httpx2.HTTPError) as exc:
@@ -100,6 +103,7 @@ class Informer(Generic[View]):
                         "%s watch (%s): resourceVersion expired, relisting", self.kind, self.scope
                     )
                     continue
+                self.failing = _describe(exc)
                 logger.warning(
                     "%s watch (%s) failed: %s; relisting in %.0f s",
                     self.kind,
@@ -107,7 +111,8 @@ class Informer(Generic[View]):
                     _describe(exc),
                     backoff,
                 )
-            except Exception:  # a bug in a parser or callback must not end the watch for good
+            except Exception as exc:  # a parser or callback bug must not end the watch for good
+                self.failing = type(exc).__name__
                 logger.exception(
                     "%s watch (%s) failed; relisting in %.0f s", self.kind, self.scope, backoff
                 )
