@@ -825,6 +825,10 @@ class LocalCluster:
             if image.ref not in listed:
                 raise LocalClusterError(f"{image.archive} did not import as {image.ref}: {listed}")
 
+    def tag_image(self, ref: str, new_ref: str) -> None:
+        """A second name for an image on the node (as a registry would serve a new tag)."""
+        self._ctr("images", "tag", "--force", ref, new_ref)
+
     def _phase(self, name: str) -> None:
         self.startup_phases[name] = time.monotonic() - self._began
 

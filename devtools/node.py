@@ -406,6 +406,9 @@ def kubelet_config(
         "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
                          "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
         "volumePluginDir": str(layout.directory / "kubelet" / "volume-plugins"),
+        # Not the default /var/log/pods: a kubelet's garbage collector removes the pod log
+        # directories of pods its own runtime does not know, i.e. another node's.
+        "podLogsDir": str(layout.directory / "pod-logs"),
         "resolvConf": "/etc/resolv.conf",
         "clusterDomain": "cluster.local",
         "serializeImagePulls": False,
