@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from devtools.localcluster import LocalCluster
 from devtools.operator_process import OperatorProcess, wait_for
@@ -23,54 +22,6 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "poolbudget-operator"
 Helm = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def helm(local_cluster: LocalCluster, tmp_path: Path) -> Helm:
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(local_cluster.kubeconfig),
-        "HELM_CACHE_HOME": str(tmp_path / "helm-cache"),
-        "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),
-        "HELM_DATA_HOME": str(tmp_path / "helm-data"),
-    }
-
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(local_cluster.binaries.helm), *args],
-            env=env, text=True, capture_output=True, check=check, timeout=120,
-        )  # fmt: skip
-
-    return run
-
-
-@pytest.mark.parametrize("values", sorted((CHART / "ci").glob("*.yaml")), ids=lambda p: p.stem)
-def test_lint_every_ci_values_file(helm: Helm, values: Path) -> None:
-    result = helm("lint", str(CHART), "-f", str(values), "--strict")
-    assert "0 chart(s) failed" in result.stdout
-
-
-def test_schema_rejects_unknown_values(helm: Helm) -> None:
-    result = helm("template", "x", str(CHART), "--set", "replicas=2", check=False)
-    assert result.returncode != 0
-    assert "additional properties 'replicas' not allowed" in result.stderr
-
-
-def test_defaults_are_restricted_and_probed(helm: Helm) -> None:
-    docs = [d for d in yaml.safe_load_all(helm("template", "x", str(CHART)).stdout) if d]
-    [operator] = [d for d in docs if d["kind"] == "Deployment"]
-    pod = operator["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert container["securityContext"] == {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
-    assert container["resources"]["limits"]["memory"] == "512Mi"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 @pytest.mark.parametrize(

@@ -323,3 +323,40 @@ def test_the_documented_sed_gives_the_render_for_another_namespace(helm: Helm) -
     ).stdout  # fmt: skip
     assert _docs(edited) == _docs(rendered)
     assert "--namespace=shop" in edited
+
+
+@pytest.mark.parametrize("values", sorted((CHART / "ci").glob("*.yaml")), ids=lambda p: p.stem)
+def test_lint_every_ci_values_file(helm: Helm, values: Path) -> None:
+    result = helm("lint", str(CHART), "-f", str(values), "--strict")
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_schema_rejects_unknown_values(helm: Helm) -> None:
+    result = helm("template", "x", str(CHART), "--set", "replicas=2", check=False)
+    assert result.returncode != 0
+    assert "additional properties 'replicas' not allowed" in result.stderr
+
+
+def test_defaults_are_restricted_and_probed(helm: Helm) -> None:
+    docs = [d for d in yaml.safe_load_all(helm("template", "x", str(CHART)).stdout) if d]
+    [operator] = [d for d in docs if d["kind"] == "Deployment"]
+    pod = operator["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["resources"]["limits"]["memory"] == "512Mi"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # One replica, no leader election: never two operators at once, not even in an upgrade.
+    assert operator["spec"]["strategy"] == {"type": "Recreate"}
+    [leader] = [
+        d for d in yaml.safe_load_all(
+            helm("template", "x", str(CHART), "--set", "replicaCount=2").stdout
+        ) if d and d["kind"] == "Deployment"
+    ]  # fmt: skip
+    assert leader["spec"]["strategy"] == {"type": "RollingUpdate"}
