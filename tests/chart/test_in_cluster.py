@@ -171,6 +171,20 @@ def test_cluster_wide_install_runs_the_image_and_reconciles_with_the_database(
         assert pod_ready(pod)
         assert pod["spec"]["containers"][0]["image"] == operator_image.ref
 
+        # A team member with the built-in `edit` role in their namespace manages budgets;
+        # one with `view` reads them (the chart's roles aggregate into both).
+        for role, user in (("edit", "editor"), ("view", "viewer")):
+            app.kubectl("create", "rolebinding", user, f"--clusterrole={role}", f"--user={user}")
+
+        def can(user: str, verb: str) -> bool:
+            answer = app.kubectl("auth", "can-i", verb, "poolbudgets.poolbudget.dev",
+                                 f"--as={user}", check=False)  # fmt: skip
+            return answer.stdout.strip() == "yes"
+
+        wait_for(lambda: can("editor", "create"), timeout=30, what="edit to aggregate PoolBudgets")
+        assert can("viewer", "list")
+        assert not can("viewer", "delete")
+
         server.create_role("monitor", MONITOR_PASSWORD, database="shop")
         app.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
                    "stringData": {"dsn": server.pod_dsn("monitor", MONITOR_PASSWORD, "shop")}})  # fmt: skip
