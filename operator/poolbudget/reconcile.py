@@ -55,6 +55,7 @@ from poolbudget.domain.rendering import (
     MANAGED_BY,
     config_hash,
     managed_labels,
+    owned_hash,
     per_worker_connections,
     render_configmap_data,
 )
@@ -337,7 +338,9 @@ class Reconciler:
                     name=name,
                     desired_hash=config_hash(rendered[name]),
                     desired_per_worker=allocation.pool_size + allocation.max_overflow,
-                    configmap_hash=None if current is None else config_hash(current.data),
+                    configmap_hash=None
+                    if current is None
+                    else owned_hash(current.data, rendered[name]),
                     configmap_per_worker=None
                     if current is None
                     else per_worker_connections(current.data),

@@ -192,6 +192,31 @@ def test_no_writes_when_nothing_changed(ns: Cluster, operator_process: OperatorP
     assert operator_process.api_writes(ns.namespace) == before
 
 
+def test_a_foreign_key_in_a_managed_configmap_is_left_alone(
+    ns: Cluster, operator_process: OperatorProcess
+) -> None:
+    """Another writer's key is theirs (server-side apply keeps it); the operator neither
+    removes it nor keeps re-applying the ConfigMap over it (it once did: an apply and an
+    Event every second, forever)."""
+    _shop_ready(ns)
+    ns.kubectl("patch", "configmap", "api-db-pool", "--type=merge",
+               "-p", '{"data": {"TEAM_NOTE": "ours"}}')  # fmt: skip
+    generation = ns.get("deployment", "api")["metadata"]["generation"]
+    events = len(ns.get("events")["items"])
+    # Wake the budget: a spec change it reconciles at once (its refresh is minutes away).
+    ns.kubectl("patch", "poolbudget", "shop", "--type=merge",
+               "-p", '{"spec": {"rollout": {"maxConcurrent": 3}}}')  # fmt: skip
+    wait_for(
+        lambda: (ns.condition("shop", "Ready") or {}).get("observedGeneration") == 2,
+        timeout=30, what="the budget to reconcile its new generation",
+    )  # fmt: skip
+    wait_for(lambda: _writes_stable(operator_process, ns.namespace, 3.0), timeout=30,
+             what="the operator to stop writing")  # fmt: skip
+    assert ns.get("configmap", "api-db-pool")["data"]["TEAM_NOTE"] == "ours"
+    assert ns.get("deployment", "api")["metadata"]["generation"] == generation
+    assert len(ns.get("events")["items"]) == events
+
+
 def _writes_stable(process: OperatorProcess, namespace: str, seconds: float) -> bool:
     before = process.api_writes(namespace)
     time.sleep(seconds)

@@ -51,7 +51,9 @@ class FakeKube:
         annotations: dict[str, str],
     ) -> None:  # fmt: skip
         self.writes.append(("configmap", name))
-        self.configmaps[name] = FakeConfigMap(dict(data), dict(labels))
+        # Server-side apply: our keys are set, keys another manager owns stay.
+        kept = self.configmaps[name].data if name in self.configmaps else {}
+        self.configmaps[name] = FakeConfigMap({**kept, **data}, dict(labels))
 
     async def annotate_pod_template(
         self, namespace: str, deployment: str, annotations: dict[str, str]
@@ -218,6 +220,34 @@ async def test_infeasible_budget_writes_only_status_and_one_event() -> None:
     assert [w[0] for w in world.kube.writes] == ["event", "status"]
     assert world.condition("BudgetFeasible")["reason"] == "BudgetInfeasible"
     assert "short by" in world.condition("BudgetFeasible")["message"]
+
+
+async def test_a_foreign_key_in_a_managed_configmap_is_left_alone_and_writes_nothing() -> None:
+    """Someone adds a key of their own (kubectl edit, GitOps): it is theirs. It used to make
+    every round see a difference and re-apply the ConfigMap, once a second, forever."""
+    world = World()
+    for _ in range(2):
+        await world.reconcile()
+    world.kube.configmaps["api-db-pool"].data["TEAM_NOTE"] = "ours"
+    world.kube.writes.clear()
+    for _ in range(3):
+        await world.reconcile()
+    assert world.kube.writes == []
+    assert world.kube.configmaps["api-db-pool"].data["TEAM_NOTE"] == "ours"
+
+
+async def test_an_edited_key_of_ours_is_restored_once_without_a_restart() -> None:
+    world = World()
+    for _ in range(2):
+        await world.reconcile()
+    pool_size = world.kube.configmaps["api-db-pool"].data["DB_POOL_SIZE"]
+    world.kube.configmaps["api-db-pool"].data["DB_POOL_SIZE"] = "999"
+    world.kube.writes.clear()
+    for _ in range(3):
+        await world.reconcile()
+    assert world.kube.writes.count(("configmap", "api-db-pool")) == 1
+    assert ("restart", "api") not in world.kube.writes  # the pods never ran with 999
+    assert world.kube.configmaps["api-db-pool"].data["DB_POOL_SIZE"] == pool_size
 
 
 async def test_a_configmap_someone_else_owns_is_never_overwritten() -> None:

@@ -87,6 +87,16 @@ def config_hash(data: Mapping[str, str]) -> str:
     return digest.hexdigest()
 
 
+def owned_hash(current: Mapping[str, str], rendered: Mapping[str, str]) -> str:
+    """config_hash of the keys the operator writes, as the ConfigMap holds them now.
+
+    Keys another writer added (`kubectl edit`, a GitOps tool) are theirs: server-side
+    apply leaves them in place, so comparing them would show a difference no write can
+    remove, every round (a write storm). One of our keys edited or deleted still differs
+    from `rendered`, and is restored once."""
+    return config_hash({key: current[key] for key in rendered if key in current})
+
+
 def per_worker_connections(data: Mapping[str, str]) -> int | None:
     """pool_size + max_overflow recorded in a ConfigMap's data; None if unreadable."""
     try:
