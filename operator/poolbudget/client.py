@@ -57,6 +57,16 @@ REQUIRED_KEYS = (
 _WHOLE = re.compile(r"-?[0-9]+")
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
 
+# Timeouts are seconds with millisecond resolution: the one format the operator writes
+# and applications read (plain decimals: no exponent, no "inf"), and the smallest value
+# the CRD, the renderer and this reader all accept.
+MIN_TIMEOUT_SECONDS = 0.001
+
+
+def format_seconds(value: float) -> str:
+    """10.0 -> "10", 2.5 -> "2.5", 0.0004999 -> "0": a plain decimal, at most 3 places."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
 
 class PoolConfigError(ValueError):
     """A missing or malformed setting; the message names the key."""
@@ -84,8 +94,8 @@ def _float(env: Mapping[str, str], key: str) -> float:
     if not _DECIMAL.fullmatch(text):  # no "inf", "nan" or exponents
         raise PoolConfigError(f"{key}: expected a decimal number, got {env[key]!r}")
     value = float(text)
-    if value <= 0:
-        raise PoolConfigError(f"{key}: must be > 0, got {env[key]!r}")
+    if value < MIN_TIMEOUT_SECONDS:
+        raise PoolConfigError(f"{key}: must be >= {MIN_TIMEOUT_SECONDS}, got {env[key]!r}")
     return value
 
 

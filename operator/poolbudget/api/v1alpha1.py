@@ -21,6 +21,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails
 
+from poolbudget.client import MIN_TIMEOUT_SECONDS
+
 GROUP = "poolbudget.dev"
 VERSION = "v1alpha1"
 KIND = "PoolBudget"
@@ -139,6 +141,13 @@ class DatabaseSpec(CamelModel):
 
 
 POOL_RECYCLE_MESSAGE = "poolRecycleSeconds must be -1 (never) or at least 1"
+# `minimum: 0.001` alone lets an integer 0 through the API server (its validator compares
+# an integer value with the minimum truncated to an integer): CEL compares numbers.
+TIMEOUT_MESSAGE = "must be at least 0.001 (seconds, millisecond resolution)"
+
+
+def _timeout_rule() -> dict[str, list[dict[str, str]]]:
+    return {"x-kubernetes-validations": [{"rule": "self >= 0.001", "message": TIMEOUT_MESSAGE}]}
 
 
 class PoolDefaults(CamelModel):
@@ -155,9 +164,13 @@ class PoolDefaults(CamelModel):
     )
     pool_timeout_seconds: float = Field(
         default=10,
-        gt=0,
+        ge=MIN_TIMEOUT_SECONDS,
         le=3600,
-        description="pool_timeout: seconds a request waits for a free connection.",
+        description=(
+            "pool_timeout: seconds a request waits for a free connection (millisecond "
+            "resolution: 0.001 at least, finer values are rounded)."
+        ),
+        json_schema_extra=_timeout_rule(),  # type: ignore[arg-type]
     )
     pool_recycle_seconds: int = Field(
         default=1800,
@@ -193,9 +206,13 @@ class PoolDefaults(CamelModel):
     )
     command_timeout_seconds: float = Field(
         default=10,
-        gt=0,
+        ge=MIN_TIMEOUT_SECONDS,
         le=86400,
-        description="asyncpg command_timeout: client-side limit per query, in seconds.",
+        description=(
+            "asyncpg command_timeout: client-side limit per query, in seconds (millisecond "
+            "resolution: 0.001 at least, finer values are rounded)."
+        ),
+        json_schema_extra=_timeout_rule(),  # type: ignore[arg-type]
     )
 
     @field_validator("pool_recycle_seconds")

@@ -12,7 +12,7 @@ from poolbudget.api.v1alpha1 import (
     Pooling,
     Target,
 )
-from poolbudget.client import engine_kwargs_from_env
+from poolbudget.client import engine_kwargs_from_env, format_seconds
 from poolbudget.domain.sizing import Allocation
 
 MANAGED_BY = "poolbudget-operator"
@@ -26,11 +26,6 @@ SQLALCHEMY_FILE_KEY = "sqlalchemy.json"
 ASYNCPG_DEFAULT_STATEMENT_CACHE_SIZE = 100
 
 
-def _number(value: float) -> str:
-    """10.0 -> "10", 2.5 -> "2.5": what a human would write in an env var."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
 def render_env(spec: PoolBudgetSpec, target: Target, allocation: Allocation) -> dict[str, str]:
     """The environment keys (for envFrom) for one target."""
     defaults = spec.defaults
@@ -40,14 +35,14 @@ def render_env(spec: PoolBudgetSpec, target: Target, allocation: Allocation) -> 
     return {
         "DB_POOL_SIZE": str(allocation.pool_size),
         "DB_MAX_OVERFLOW": str(allocation.max_overflow),
-        "DB_POOL_TIMEOUT": _number(defaults.pool_timeout_seconds),
+        "DB_POOL_TIMEOUT": format_seconds(defaults.pool_timeout_seconds),
         "DB_POOL_RECYCLE": str(defaults.pool_recycle_seconds),
         "DB_POOL_PRE_PING": "true" if defaults.pool_pre_ping else "false",
         "DB_STATEMENT_TIMEOUT_MS": str(defaults.statement_timeout_milliseconds),
         "DB_IDLE_IN_TRANSACTION_SESSION_TIMEOUT_MS": str(
             defaults.idle_in_transaction_session_timeout_milliseconds
         ),
-        "DB_COMMAND_TIMEOUT": _number(defaults.command_timeout_seconds),
+        "DB_COMMAND_TIMEOUT": format_seconds(defaults.command_timeout_seconds),
         "DB_STATEMENT_CACHE_SIZE": str(statement_cache),
         "DB_APPLICATION_NAME": application_name(target),
     }
