@@ -333,9 +333,13 @@ async def budget_loop(runtime: Runtime, key: Key, loop: BudgetLoop) -> None:
             try:
                 outcome = await runtime.reconciler.reconcile(budget, observed, loop.memory)
                 delay = outcome.next_check_seconds
-            except Exception:  # the loop must survive anything; the next round retries
+            except Exception as error:  # the loop must survive anything; the next round retries
                 logger.exception("PoolBudget %s/%s: reconcile failed; retrying", namespace, name)
                 delay = 10.0
+                try:
+                    await runtime.reconciler.report_failure(budget, loop.memory, error)
+                except Exception:  # the API server may be what failed; the log has it
+                    logger.warning("PoolBudget %s/%s: could not report the failure", *key)
             await _first_of(wake.wait(), stopped.wait(), delay=delay)
     finally:
         if runtime.memories.get(key) is loop.memory:

@@ -190,6 +190,26 @@ class Reconciler:
             metrics.RECONCILE_SECONDS.observe(max(0.0, self.monotonic() - started))
         return outcome
 
+    async def report_failure(
+        self, budget: BudgetObject, memory: BudgetMemory, error: Exception
+    ) -> None:
+        """A reconcile that raised must not leave a stale Ready=True standing (it once did,
+        for a generation it never applied): Ready=False ReconcileFailed for this generation,
+        and one Warning event when it starts failing. Only the exception's type is shown:
+        its text may carry anything (a DSN, say); the operator's log has the traceback."""
+        ref = BudgetEventRef(budget.namespace, budget.name, budget.uid)
+        previous = dict(memory.last_status if memory.last_status is not None else budget.status)
+        observation = Observation(
+            type=ConditionType.READY,
+            status=False,
+            reason="ReconcileFailed",
+            message=f"the last reconcile failed ({type(error).__name__}) and is retried "
+            "every 10 s; the operator's log says why",
+        )
+        status = self._status_with(previous, budget, self.clock(), [observation])
+        await self._event_on_change(ref, previous, observation, "Warning")
+        await self._finish(ref, budget, previous, status, None, "failed", memory)
+
     async def _reconcile(
         self, budget: BudgetObject, observed: Observed, memory: BudgetMemory
     ) -> Outcome:

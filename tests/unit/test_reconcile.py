@@ -250,6 +250,25 @@ async def test_an_edited_key_of_ours_is_restored_once_without_a_restart() -> Non
     assert world.kube.configmaps["api-db-pool"].data["DB_POOL_SIZE"] == pool_size
 
 
+async def test_a_failed_reconcile_turns_ready_false_once_and_says_only_the_error_type() -> None:
+    world = World()
+    for _ in range(2):
+        await world.reconcile()
+    assert world.condition("Ready")["status"] == "True"
+    reconciler = Reconciler(kube=world.kube, prober_factory=world.prober, clock=lambda: NOW)
+    budget = BudgetObject(namespace="shop", name="shop", uid="u1", generation=2,
+                          created="2026-01-01T00:00:00Z", spec=world.spec, status=world.status)  # fmt: skip
+    world.kube.events.clear()
+    for _ in range(3):  # the loop retries every 10 s; one event, not one per round
+        await reconciler.report_failure(budget, world.memory, ValueError(DSN))
+    ready = next(c for c in world.kube.statuses[-1]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == (
+        "False", "ReconcileFailed", 2)  # fmt: skip
+    assert "ValueError" in ready["message"]
+    assert [e[:2] for e in world.kube.events] == [("Warning", "ReconcileFailed")]
+    assert DSN not in str(world.kube.statuses) + str(world.kube.events)
+
+
 async def test_a_configmap_someone_else_owns_is_never_overwritten() -> None:
     world = World()
     world.kube.configmaps["api-db-pool"] = FakeConfigMap({"mine": "yes"}, {"team": "payments"})
