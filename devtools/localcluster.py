@@ -503,6 +503,30 @@ class LocalCluster:
         (self.state_dir / PIDS_FILE).unlink(missing_ok=True)
         atexit.unregister(self.stop)
 
+    def kill_component(self, name: str) -> None:
+        """SIGKILL one component (a fault: no clean shutdown); `revive_component` brings
+        it back with the same arguments."""
+        component = self._component(name)
+        assert component.process is not None
+        os.killpg(component.process.pid, signal.SIGKILL)
+        component.process.wait(timeout=10)
+
+    def revive_component(self, name: str) -> None:
+        """Start a killed component again; returns once it serves (kube-apiserver: /readyz)."""
+        component = self._component(name)
+        self._components.remove(component)
+        if component.log is not None:
+            component.log.close()
+        self._launch(name, component.argv)
+        if name == "kube-apiserver":
+            self._wait(self._apiserver_ready, "kube-apiserver /readyz")
+
+    def _component(self, name: str) -> _Component:
+        for component in self._components:
+            if component.name == name:
+                return component
+        raise LocalClusterError(f"no component {name!r}: {[c.name for c in self._components]}")
+
     def kubectl(
         self,
         *args: str,

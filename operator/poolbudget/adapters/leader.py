@@ -5,7 +5,9 @@ once Kopf runs, a task on its event loop renews it with the async client, so lig
 never used from two threads at once (its decoding is not thread-safe: seen here as a
 segfault inside msgspec). If renewing fails for longer than the lease lasts (API
 unreachable, or another replica took over), the process exits at once: a follower that
-still acted would break the "one writer" promise; the pod restarts as a standby. On a clean
+still acted would break the "one writer" promise; the pod restarts as a standby. A standby
+waits out an unreachable API server, so after an outage it takes over as soon as the
+API server is back (the lease it finds has expired). On a clean
 shutdown the Lease is released, so a standby takes over within one retry period.
 
 Kopf's own peering was the alternative; it needs extra CRDs and freezes every replica when
@@ -129,7 +131,19 @@ class LeaderElector:
     def acquire(self) -> None:
         """Block until this process leads, then keep renewing in the background."""
         logger.info("waiting to lead (Lease %s/%s) as %s", self.namespace, self.name, self.identity)
-        while not self._try_acquire():
+        failing_since: float | None = None
+        while True:
+            try:
+                if self._try_acquire():
+                    break
+                failing_since = None
+            except Exception as exc:  # an unreachable API server is waited out
+                # A standby that exited here left no operator at all after an API outage
+                # (the leader gives up too): wait, and say so now and then.
+                now = time.monotonic()
+                if failing_since is None or now - failing_since > 30:
+                    logger.warning("cannot reach the Lease (%s); still waiting", type(exc).__name__)
+                    failing_since = now
             time.sleep(self.retry_seconds)
         logger.info("leading as %s", self.identity)
 

@@ -1,0 +1,74 @@
+"""An API-server outage with two operator replicas: someone must be leading and acting
+within seconds of the API server's return.
+
+Before: the standby crashed at its first failed Lease read (connection refused) and the
+leader exited after 15 s without renewing, so after a 30 s outage no operator was left.
+Now the standby waits the outage out and takes the expired Lease when the API is back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.localcluster import LocalCluster, find_binaries, wait_for
+from devtools.operator_process import OperatorProcess
+from tests.e2e.support import Cluster, budget, deployment
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+OUTAGE_SECONDS = 30
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A control plane of its own: its API server is killed here. No node is needed: the
+    budget writes ConfigMaps only (rollout strategy None)."""
+    with LocalCluster(tmp_path / "cluster", binaries=find_binaries(), node=False) as cluster:
+        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                        "crd/poolbudgets.poolbudget.dev")  # fmt: skip
+        yield cluster
+
+
+def test_after_a_30_s_api_outage_a_replica_leads_and_acts_within_seconds(
+    own_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    ns = Cluster(own_cluster, "default")
+    ns.apply(deployment("api", 1))
+    ns.apply(budget("shop", [{"deploymentName": "api"}], rollout={"strategy": "None"}))
+    args = ["--leader-election-namespace", "default"]
+    replicas = [
+        OperatorProcess(
+            kubeconfig=own_cluster.kubeconfig, log_path=tmp_path / f"{n}.log", extra_args=args
+        )
+        for n in ("first", "second")
+    ]
+    try:
+        for replica in replicas:
+            replica.start()
+        wait_for(lambda: ns.configmap("api-db-pool"), timeout=60, what="the leader to act")
+
+        own_cluster.kill_component("kube-apiserver")
+        time.sleep(OUTAGE_SECONDS)
+        own_cluster.revive_component("kube-apiserver")
+        back = time.monotonic()
+        ns.kubectl("scale", "deployment", "api", "--replicas=3")
+        wait_for(
+            lambda: (ns.allocation("shop", "api") or {}).get("podsWorstCase") == 4,
+            timeout=60, what="a replica to re-budget the scale-up after the outage",
+        )  # fmt: skip
+        recovery = time.monotonic() - back
+        alive = [r for r in replicas if r.running]
+        print(f"\napi outage {OUTAGE_SECONDS} s: change applied {recovery:.1f} s after the "
+              f"API server was ready; replicas still running: {len(alive)} of 2")  # fmt: skip
+        assert alive, "no operator process survived the outage"
+        assert recovery < 20, f"{recovery:.1f} s to act after the API server came back"
+        logs = "".join(r.log() for r in replicas)
+        assert "cannot reach the Lease" in logs  # the standby waited it out
+    finally:
+        for replica in replicas:
+            replica.stop()
