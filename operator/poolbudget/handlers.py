@@ -112,6 +112,9 @@ class Runtime:
         """Apply a change to the view, then wake the budgets it concerns."""
         return lambda key, before, after: self.wake(update(key, before, after))
 
+    def is_synced(self) -> bool:
+        return all(informer.synced.is_set() for informer in self.informers)
+
     async def synced(self) -> None:
         for informer in self.informers:
             await informer.synced.wait()
@@ -206,6 +209,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.posting.enabled = False  # we post the Events users should see ourselves
+    # Retry failed API calls within 2 s at most (Kopf's default backoffs grow to 21 s, so
+    # after a long API outage Kopf's own watch came back seconds after the API server).
+    settings.networking.error_backoffs = (0.5, 1, 2, 2, 2, 2, 2, 2, 2, 2)
     kube = KubeGateway()
     elector = memo.get("elector")
     if isinstance(elector, LeaderElector):
@@ -314,8 +320,13 @@ async def budget_loop(runtime: Runtime, key: Key, loop: BudgetLoop) -> None:
     wake = runtime.wakeup(key)
     stopped = loop.stopped
     try:
-        await _first_of(runtime.synced(), stopped.wait(), delay=None)
-        while not stopped.is_set() and (body := runtime.bodies.get(key)) is not None:
+        while not stopped.is_set():
+            # Every round, not just the first: after a broken watch the cache is stale
+            # until relisted, and a decision on it can cost an extra restart.
+            if not runtime.is_synced():
+                await _first_of(runtime.synced(), stopped.wait(), delay=None)
+            if stopped.is_set() or (body := runtime.bodies.get(key)) is None:
+                break
             wake.clear()
             claims = budget_claims(body)
             observed = runtime.view.observe(key, claims.created, claims.deployments)

@@ -7,6 +7,7 @@ Now the standby waits the outage out and takes the expired Lease when the API is
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ from tests.e2e.support import Cluster, budget, deployment
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
-OUTAGE_SECONDS = 30
+# 30 s in `make test`; POOLBUDGET_OUTAGE_SECONDS=90 for a longer one.
+OUTAGE_SECONDS = float(os.environ.get("POOLBUDGET_OUTAGE_SECONDS", "30"))
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         yield cluster
 
 
-def test_after_a_30_s_api_outage_a_replica_leads_and_acts_within_seconds(
+def test_after_an_api_outage_a_replica_leads_and_acts_within_seconds(
     own_cluster: LocalCluster, tmp_path: Path
 ) -> None:
     ns = Cluster(own_cluster, "default")
@@ -66,9 +68,40 @@ def test_after_a_30_s_api_outage_a_replica_leads_and_acts_within_seconds(
         print(f"\napi outage {OUTAGE_SECONDS} s: change applied {recovery:.1f} s after the "
               f"API server was ready; replicas still running: {len(alive)} of 2")  # fmt: skip
         assert alive, "no operator process survived the outage"
-        assert recovery < 20, f"{recovery:.1f} s to act after the API server came back"
+        assert recovery < 5, f"{recovery:.1f} s to act after the API server came back"
         logs = "".join(r.log() for r in replicas)
         assert "cannot reach the Lease" in logs  # the standby waited it out
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_after_an_api_outage_a_single_operator_acts_within_seconds(
+    own_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """No leader election: the same process lives through the outage. Its watches and
+    retries back off while the API server is down; that backoff must be short enough
+    that it acts within seconds of the return (after a minute's outage it took 11-16 s)."""
+    ns = Cluster(own_cluster, "default")
+    ns.apply(deployment("api", 1))
+    ns.apply(budget("shop", [{"deploymentName": "api"}], rollout={"strategy": "None"}))
+    operator = OperatorProcess(kubeconfig=own_cluster.kubeconfig, log_path=tmp_path / "op.log")
+    try:
+        operator.start()
+        wait_for(lambda: ns.configmap("api-db-pool"), timeout=60, what="the operator to act")
+        own_cluster.kill_component("kube-apiserver")
+        time.sleep(OUTAGE_SECONDS)
+        own_cluster.revive_component("kube-apiserver")
+        back = time.monotonic()
+        ns.kubectl("scale", "deployment", "api", "--replicas=3")
+        wait_for(
+            lambda: (ns.allocation("shop", "api") or {}).get("podsWorstCase") == 4,
+            timeout=60, what="the operator to re-budget the scale-up after the outage",
+        )  # fmt: skip
+        recovery = time.monotonic() - back
+        print(f"\napi outage {OUTAGE_SECONDS:.0f} s, one operator: change applied "
+              f"{recovery:.1f} s after the API server was ready")  # fmt: skip
+        assert operator.running
+        assert recovery < 5, f"{recovery:.1f} s to act after the API server came back"
+    finally:
+        operator.stop()
