@@ -93,6 +93,7 @@ class BudgetRefLike(Protocol):
 class Kube(Protocol):
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str: ...
     async def read_configmap(self, namespace: str, name: str) -> ConfigMapLike | None: ...
+    async def budget_exists(self, namespace: str, name: str) -> bool: ...
     async def apply_configmap(
         self,
         namespace: str,
@@ -332,12 +333,22 @@ class Reconciler:
             *(self.kube.read_configmap(budget.namespace, t.resolved_config_map_name) for t in owned)
         )
         existing = dict(zip([t.deployment_name for t in owned], existing_list, strict=True))
+        adopted: dict[str, str] = {}  # target -> the deleted budget that wrote its ConfigMap
         for target in list(owned):
             current = existing[target.deployment_name]
-            if current is not None and (
-                current.labels.get(LABEL_MANAGED_BY) != MANAGED_BY
-                or current.labels.get(LABEL_BUDGET, budget.name) != budget.name
+            if current is None:
+                continue
+            writer = current.labels.get(LABEL_BUDGET, budget.name)
+            ours = current.labels.get(LABEL_MANAGED_BY) == MANAGED_BY
+            if (
+                ours
+                and writer != budget.name
+                and not await self.kube.budget_exists(budget.namespace, writer)
             ):
+                # Left behind by a budget since deleted (replaced under another name, say):
+                # nobody else will ever write it, so take it over instead of asking a person.
+                adopted[target.deployment_name] = writer
+            elif not ours or writer != budget.name:
                 conflicts[target.deployment_name] = (
                     f"ConfigMap {target.resolved_config_map_name} exists and is not managed by "
                     f"this PoolBudget; rename it or set configMapName"
@@ -358,8 +369,10 @@ class Reconciler:
                     name=name,
                     desired_hash=config_hash(rendered[name]),
                     desired_per_worker=allocation.pool_size + allocation.max_overflow,
+                    # An adopted ConfigMap is written once whatever it holds: the write
+                    # puts this budget's label on it.
                     configmap_hash=None
-                    if current is None
+                    if current is None or name in adopted
                     else owned_hash(current.data, rendered[name]),
                     configmap_per_worker=None
                     if current is None
@@ -402,6 +415,15 @@ class Reconciler:
                     "ConfigMapUpdated",
                     _configmap_change_message(target, existing[action.name], data, plan),
                 )
+                if action.name in adopted:
+                    await self.kube.post_event(
+                        ref,
+                        "Normal",
+                        "ConfigMapAdopted",
+                        f"{action.name}: ConfigMap {target.resolved_config_map_name} was "
+                        f"written for PoolBudget {adopted[action.name]}, which no longer "
+                        "exists; this budget manages it now",
+                    )
         for action in rollout.actions:
             target_labels = {**labels, "deployment": action.name}
             if action.restart:

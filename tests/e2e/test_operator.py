@@ -307,6 +307,21 @@ def test_no_finalizer_and_the_one_earlier_builds_added_is_removed(ns: Cluster) -
     assert not ns.get("poolbudget", "fresh")["metadata"].get("finalizers")
 
 
+def test_a_budget_replaced_under_another_name_adopts_its_configmaps(ns: Cluster) -> None:
+    """The ConfigMap a deleted budget left behind is adopted by the next budget for that
+    Deployment (it used to be a TargetConflict a person had to clear by hand)."""
+    ns.apply(deployment("api", 1))
+    ns.apply(budget("old", [{"deploymentName": "api"}]))
+    wait_for(lambda: ns.settled("old"), timeout=60, what="PoolBudget old Ready")
+    ns.kubectl("delete", "poolbudget", "old", "--timeout=30s")
+    ns.apply(budget("new", [{"deploymentName": "api", "processesPerPod": 2}]))
+    wait_for(lambda: ns.settled("new"), timeout=60, what="PoolBudget new Ready, rolled out")
+    labels = ns.get("configmap", "api-db-pool")["metadata"]["labels"]
+    assert labels["poolbudget.dev/budget"] == "new"
+    (message,) = ns.events("ConfigMapAdopted")
+    assert "written for PoolBudget old, which no longer exists" in message
+
+
 def test_health_reports_what_each_informer_holds(
     ns: Cluster, operator_process: OperatorProcess
 ) -> None:

@@ -37,6 +37,7 @@ class FakeKube:
     writes: list[tuple[str, str]] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     statuses: list[dict[str, Any]] = field(default_factory=list)
+    budgets: set[str] = field(default_factory=lambda: {"shop"})
 
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str:
         if name not in self.secrets:
@@ -45,6 +46,9 @@ class FakeKube:
 
     async def read_configmap(self, namespace: str, name: str) -> FakeConfigMap | None:
         return self.configmaps.get(name)
+
+    async def budget_exists(self, namespace: str, name: str) -> bool:
+        return name in self.budgets
 
     async def apply_configmap(
         self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str],
@@ -267,6 +271,34 @@ async def test_a_failed_reconcile_turns_ready_false_once_and_says_only_the_error
     assert "ValueError" in ready["message"]
     assert [e[:2] for e in world.kube.events] == [("Warning", "ReconcileFailed")]
     assert DSN not in str(world.kube.statuses) + str(world.kube.events)
+
+
+LEFT_BEHIND = {
+    "app.kubernetes.io/managed-by": "poolbudget-operator",
+    "poolbudget.dev/budget": "old",
+}
+
+
+async def test_a_configmap_left_by_a_deleted_budget_is_adopted_with_one_event() -> None:
+    world = World()
+    world.kube.configmaps["api-db-pool"] = FakeConfigMap({"DB_POOL_SIZE": "3"}, dict(LEFT_BEHIND))
+    for _ in range(3):
+        await world.reconcile()
+    assert world.kube.configmaps["api-db-pool"].labels["poolbudget.dev/budget"] == "shop"
+    assert ("restart", "api") in world.kube.writes
+    adopted = [e for e in world.kube.events if e[1] == "ConfigMapAdopted"]
+    assert len(adopted) == 1
+    assert "PoolBudget old, which no longer exists" in adopted[0][2]
+    assert world.condition("Ready")["status"] == "True"
+
+
+async def test_a_configmap_of_a_budget_that_still_exists_stays_a_conflict() -> None:
+    world = World()
+    world.kube.budgets.add("old")
+    world.kube.configmaps["api-db-pool"] = FakeConfigMap({"DB_POOL_SIZE": "3"}, dict(LEFT_BEHIND))
+    await world.reconcile()
+    assert world.kube.configmaps["api-db-pool"].labels["poolbudget.dev/budget"] == "old"
+    assert world.condition("Ready")["reason"] == "TargetConflict"
 
 
 async def test_a_configmap_someone_else_owns_is_never_overwritten() -> None:

@@ -59,10 +59,11 @@ for each line). Shared by the ClusterRole (cluster-wide) and the per-namespace R
 */}}
 {{- define "poolbudget-operator.namespacedRules" -}}
 # No `get` on what is only watched: the operator's informers and Kopf list and watch, and
-# write with patch; they never read these by name.
+# write with patch. PoolBudgets are read by name once, to tell whether the budget named on
+# a managed ConfigMap still exists (if not, the ConfigMap is adopted).
 - apiGroups: [poolbudget.dev]
   resources: [poolbudgets]
-  verbs: [list, watch, patch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [poolbudget.dev]
   resources: [poolbudgets/status]
   verbs: [patch]

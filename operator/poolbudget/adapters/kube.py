@@ -121,6 +121,19 @@ class KubeGateway:
             annotations=dict(metadata.annotations or {}),
         )
 
+    async def budget_exists(self, namespace: str, name: str) -> bool:
+        """Whether a PoolBudget of that name exists (to adopt ConfigMaps it left behind)."""
+        try:
+            async with self._in_flight:
+                await self._client.get(PoolBudgetResource, name, namespace=namespace)
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return False
+            raise _translate(exc, f"PoolBudget {namespace}/{name}") from None
+        except httpx2.HTTPError as exc:
+            raise KubeError(f"PoolBudget {namespace}/{name}: {type(exc).__name__}") from None
+        return True
+
     async def apply_configmap(
         self,
         namespace: str,
