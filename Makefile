@@ -74,6 +74,10 @@ test: venv postgres node-deps binaries images lint typecheck archcheck ## everyt
 
 test-fast: venv lint typecheck archcheck unit ## the quick loop while editing
 
+chaos: venv postgres node-deps binaries images ## the fault suite with more trials, longer outages; figures in out/chaos.json
+	POOLBUDGET_CHAOS_TRIALS=$${POOLBUDGET_CHAOS_TRIALS:-20} \
+	POOLBUDGET_OUTAGE_SECONDS=$${POOLBUDGET_OUTAGE_SECONDS:-90} $(PY) -m pytest -m chaos
+
 cluster-up: venv node-deps binaries images ## start a local cluster with a node (CLUSTER_ARGS=--no-node)
 	$(PY) -m devtools.localcluster up $(CLUSTER_ARGS)
 

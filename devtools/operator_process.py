@@ -119,6 +119,13 @@ class OperatorProcess:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a node failure would: no cleanup, no Lease release."""
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait(timeout=10)
+        self._process = None
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

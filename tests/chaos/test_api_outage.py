@@ -7,22 +7,21 @@ Now the standby waits the outage out and takes the expired Lease when the API is
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devtools.localcluster import LocalCluster, find_binaries, wait_for
 from devtools.operator_process import OperatorProcess
+from tests.chaos.conftest import OUTAGE_SECONDS
 from tests.e2e.support import Cluster, budget, deployment
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
 
 REPO = Path(__file__).resolve().parents[2]
-# 30 s in `make test`; POOLBUDGET_OUTAGE_SECONDS=90 for a longer one.
-OUTAGE_SECONDS = float(os.environ.get("POOLBUDGET_OUTAGE_SECONDS", "30"))
 
 
 @pytest.fixture
@@ -37,7 +36,7 @@ def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 
 def test_after_an_api_outage_a_replica_leads_and_acts_within_seconds(
-    own_cluster: LocalCluster, tmp_path: Path
+    own_cluster: LocalCluster, tmp_path: Path, chaos_report: dict[str, Any]
 ) -> None:
     ns = Cluster(own_cluster, "default")
     ns.apply(deployment("api", 1))
@@ -65,6 +64,8 @@ def test_after_an_api_outage_a_replica_leads_and_acts_within_seconds(
         )  # fmt: skip
         recovery = time.monotonic() - back
         alive = [r for r in replicas if r.running]
+        chaos_report.update(outage_seconds=OUTAGE_SECONDS, applied_after_api_ready_seconds=
+                            round(recovery, 2), replicas_running=len(alive))  # fmt: skip
         print(f"\napi outage {OUTAGE_SECONDS} s: change applied {recovery:.1f} s after the "
               f"API server was ready; replicas still running: {len(alive)} of 2")  # fmt: skip
         assert alive, "no operator process survived the outage"
@@ -77,7 +78,7 @@ def test_after_an_api_outage_a_replica_leads_and_acts_within_seconds(
 
 
 def test_after_an_api_outage_a_single_operator_acts_within_seconds(
-    own_cluster: LocalCluster, tmp_path: Path
+    own_cluster: LocalCluster, tmp_path: Path, chaos_report: dict[str, Any]
 ) -> None:
     """No leader election: the same process lives through the outage. Its watches and
     retries back off while the API server is down; that backoff must be short enough
@@ -99,6 +100,8 @@ def test_after_an_api_outage_a_single_operator_acts_within_seconds(
             timeout=60, what="the operator to re-budget the scale-up after the outage",
         )  # fmt: skip
         recovery = time.monotonic() - back
+        chaos_report.update(outage_seconds=OUTAGE_SECONDS,
+                            applied_after_api_ready_seconds=round(recovery, 2))  # fmt: skip
         print(f"\napi outage {OUTAGE_SECONDS:.0f} s, one operator: change applied "
               f"{recovery:.1f} s after the API server was ready")  # fmt: skip
         assert operator.running
