@@ -17,7 +17,7 @@ export POOLBUDGET_CACHE ?= $(HOME)/.cache/poolbudget
 export GOTOOLCHAIN := local
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv postgres node-deps images image fleet-pods binaries crds manifests chart-docs lint typecheck archcheck unit test test-fast cluster-up cluster-down demo fleet bench clean
+.PHONY: help venv postgres node-deps images image fleet-pods binaries crds manifests chart-docs lint typecheck archcheck unit test test-fast chaos cluster-up cluster-down demo fleet bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
