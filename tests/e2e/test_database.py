@@ -129,3 +129,49 @@ def test_invalid_spec_is_rejected_by_the_api_server(ns: Cluster) -> None:
     with pytest.raises(LocalClusterError, match="minPoolSize"):
         ns.apply(doc)
     assert ns.get("poolbudget", "bad") is None
+
+
+@pytest.mark.chaos
+def test_database_faults_keep_the_last_good_configmap_and_recover(
+    ns: Cluster, database: tuple[PostgresServer, str], operator_process: OperatorProcess
+) -> None:
+    """The server stopped; the role's password changed on the server while the operator's
+    connection stays open; a garbage DSN: each is reported within one refresh (5 s) with
+    the last good ConfigMap kept and no restart, and each recovery brings a new plan."""
+    server, dsn = database
+    secret(ns, dsn)
+    ns.apply(deployment("api", 2))
+    ns.apply(db_budget(refresh=5))
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
+    good, sets = ns.configmap("api-db-pool"), ns.replicasets("api")
+
+    def observed_reason() -> str:
+        return str((ns.condition("shop", "DatabaseObserved") or {}).get("reason"))
+
+    def kept() -> None:
+        assert ns.configmap("api-db-pool") == good
+        assert ns.replicasets("api") == sets
+
+    server.ctl("stop")
+    wait_for(lambda: observed_reason() not in ("Probed", "None"), timeout=15,
+             what="the stopped server reported")  # fmt: skip
+    kept()
+    server.ctl("start")
+    wait_for(lambda: observed_reason() == "Probed", timeout=15, what="recovered")
+
+    # The open connection keeps working; the next new connection would not.
+    server.sql("ALTER ROLE monitor PASSWORD 'rotated-on-the-server-9913'")
+    server.restart()  # drops the open connection: the operator must reconnect
+    wait_for(lambda: observed_reason() == "AuthenticationFailed", timeout=15,
+             what="the changed password reported")  # fmt: skip
+    kept()
+    secret(ns, dsn.replace(PASSWORD, "rotated-on-the-server-9913"))
+    wait_for(lambda: observed_reason() == "Probed", timeout=15, what="the new password used")
+
+    secret(ns, "postgresql://this is not a dsn")
+    wait_for(lambda: observed_reason() not in ("Probed", "None"), timeout=15,
+             what="the garbage DSN reported")  # fmt: skip
+    kept()
+    everything = str(ns.status("shop")) + str(ns.get("events")) + operator_process.log()
+    for leaked in (PASSWORD, "rotated-on-the-server-9913"):
+        assert leaked not in everything
