@@ -148,14 +148,19 @@ def _whole(minimum: int) -> Callable[[object], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
-def _positive(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+def _timeout(v: object) -> bool:
+    return (
+        isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and v >= MIN_TIMEOUT_SECONDS
+    )
 
 
 _FILE_KEYS: dict[str, tuple[Callable[[object], bool], str]] = {
     "pool_size": (_whole(1), "a whole number >= 1"),
     "max_overflow": (_whole(0), "a whole number >= 0"),
-    "pool_timeout": (_positive, "a number > 0"),
+    "pool_timeout": (_timeout, f"a number >= {MIN_TIMEOUT_SECONDS}"),
     "pool_recycle": (
         lambda v: _whole(-1)(v) and v != 0,
         "-1 (never) or a whole number >= 1",
@@ -171,7 +176,7 @@ _CONNECT_ARGS_KEYS: dict[str, tuple[Callable[[object], bool], str]] = {
         ),
         "an object of strings",
     ),
-    "command_timeout": (_positive, "a number > 0"),
+    "command_timeout": (_timeout, f"a number >= {MIN_TIMEOUT_SECONDS}"),
     "statement_cache_size": (_whole(0), "a whole number >= 0"),
     "prepared_statement_cache_size": (_whole(0), "a whole number >= 0"),
 }

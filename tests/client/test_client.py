@@ -151,7 +151,8 @@ def test_keys_a_newer_operator_adds_pass_through(tmp_path: Path) -> None:
         ({"DB_POOL_RECYCLE": "0"}, "DB_POOL_RECYCLE: must be -1 (never) or >= 1, got 0"),
         ({"DB_POOL_PRE_PING": "maybe"}, "DB_POOL_PRE_PING: expected true or false"),
         ({"DB_POOL_TIMEOUT": "-1"}, "DB_POOL_TIMEOUT: expected a decimal number"),
-        ({"DB_POOL_TIMEOUT": "0"}, "DB_POOL_TIMEOUT: must be > 0"),
+        ({"DB_POOL_TIMEOUT": "0"}, "DB_POOL_TIMEOUT: must be >= 0.001"),
+        ({"DB_COMMAND_TIMEOUT": "0.0009"}, "DB_COMMAND_TIMEOUT: must be >= 0.001"),
         ({"DB_POOL_TIMEOUT": "nan"}, "DB_POOL_TIMEOUT: expected a decimal number, got 'nan'"),
         ({"DB_COMMAND_TIMEOUT": "inf"}, "DB_COMMAND_TIMEOUT: expected a decimal number"),
         ({"DB_STATEMENT_TIMEOUT_MS": "30s"}, "DB_STATEMENT_TIMEOUT_MS: expected a whole number"),
@@ -197,7 +198,7 @@ def _file_with(change: dict[str, Any]) -> str:
         (_file_with({"pool_size": 0}), "pool_size: expected a whole number >= 1, got 0"),
         (_file_with({"pool_size": True}), "pool_size: expected a whole number >= 1, got True"),
         (_file_with({"max_overflow": "3"}), "max_overflow: expected a whole number >= 0, got '3'"),
-        (_file_with({"pool_timeout": 0}), "pool_timeout: expected a number > 0"),
+        (_file_with({"pool_timeout": 0}), "pool_timeout: expected a number >= 0.001"),
         (
             _file_with({"pool_recycle": 0}),
             "pool_recycle: expected -1 (never) or a whole number >= 1",
