@@ -35,6 +35,21 @@ def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         yield cluster
 
 
+def outage_then_scale(cluster: LocalCluster, ns: Cluster) -> float:
+    """Kill kube-apiserver for OUTAGE_SECONDS, start it again, scale `api` 1 -> 3: the
+    seconds from the API server being ready to the budget showing the scale-up."""
+    cluster.kill_component("kube-apiserver")
+    time.sleep(OUTAGE_SECONDS)
+    cluster.revive_component("kube-apiserver")
+    back = time.monotonic()
+    ns.kubectl("scale", "deployment", "api", "--replicas=3")
+    wait_for(
+        lambda: (ns.allocation("shop", "api") or {}).get("podsWorstCase") == 4,
+        timeout=60, what="an operator to re-budget the scale-up after the outage",
+    )  # fmt: skip
+    return time.monotonic() - back
+
+
 def test_after_an_api_outage_a_replica_leads_and_acts_within_seconds(
     own_cluster: LocalCluster, tmp_path: Path, chaos_report: dict[str, Any]
 ) -> None:
@@ -53,16 +68,7 @@ def test_after_an_api_outage_a_replica_leads_and_acts_within_seconds(
             replica.start()
         wait_for(lambda: ns.configmap("api-db-pool"), timeout=60, what="the leader to act")
 
-        own_cluster.kill_component("kube-apiserver")
-        time.sleep(OUTAGE_SECONDS)
-        own_cluster.revive_component("kube-apiserver")
-        back = time.monotonic()
-        ns.kubectl("scale", "deployment", "api", "--replicas=3")
-        wait_for(
-            lambda: (ns.allocation("shop", "api") or {}).get("podsWorstCase") == 4,
-            timeout=60, what="a replica to re-budget the scale-up after the outage",
-        )  # fmt: skip
-        recovery = time.monotonic() - back
+        recovery = outage_then_scale(own_cluster, ns)
         alive = [r for r in replicas if r.running]
         chaos_report.update(outage_seconds=OUTAGE_SECONDS, applied_after_api_ready_seconds=
                             round(recovery, 2), replicas_running=len(alive))  # fmt: skip
@@ -90,16 +96,7 @@ def test_after_an_api_outage_a_single_operator_acts_within_seconds(
     try:
         operator.start()
         wait_for(lambda: ns.configmap("api-db-pool"), timeout=60, what="the operator to act")
-        own_cluster.kill_component("kube-apiserver")
-        time.sleep(OUTAGE_SECONDS)
-        own_cluster.revive_component("kube-apiserver")
-        back = time.monotonic()
-        ns.kubectl("scale", "deployment", "api", "--replicas=3")
-        wait_for(
-            lambda: (ns.allocation("shop", "api") or {}).get("podsWorstCase") == 4,
-            timeout=60, what="the operator to re-budget the scale-up after the outage",
-        )  # fmt: skip
-        recovery = time.monotonic() - back
+        recovery = outage_then_scale(own_cluster, ns)
         chaos_report.update(outage_seconds=OUTAGE_SECONDS,
                             applied_after_api_ready_seconds=round(recovery, 2))  # fmt: skip
         print(f"\napi outage {OUTAGE_SECONDS:.0f} s, one operator: change applied "

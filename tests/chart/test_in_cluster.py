@@ -147,6 +147,13 @@ def restricted(manifest: str) -> dict[str, Any]:
     return doc
 
 
+def shop_settled(app: Cluster, replicas: int) -> None:
+    """Deployment `api` (restricted pods) under budget `shop`, Ready and rolled out."""
+    app.apply(restricted(deployment("api", replicas)))
+    app.apply(budget("shop", [{"deploymentName": "api"}]))
+    wait_for(lambda: app.settled("shop"), timeout=120, what="shop Ready, api rolled out")
+
+
 # --------------------------------------------------------------------------- installs
 
 
@@ -296,9 +303,7 @@ def test_two_replicas_one_leads_and_the_other_takes_over(
     pods = operator_pods(system)
     assert len(pods) == 2
     assert all(pod_ready(p) for p in pods), "the standby is Ready too"
-    app.apply(restricted(deployment("api", 2)))
-    app.apply(budget("shop", [{"deploymentName": "api"}]))
-    wait_for(lambda: app.settled("shop"), timeout=120, what="shop Ready, api rolled out")
+    shop_settled(app, 2)
 
     leader = lease_holder(system)
     (leading,) = [p for p in pods if leader.startswith(p["metadata"]["name"])]
@@ -338,9 +343,7 @@ def test_upgrade_to_a_new_tag_then_uninstall_leaves_the_users_objects(
 ) -> None:
     app = restricted_namespace("shop")
     install(helm, operator_image, system)
-    app.apply(restricted(deployment("api", 1)))
-    app.apply(budget("shop", [{"deploymentName": "api"}]))
-    wait_for(lambda: app.settled("shop"), timeout=120, what="shop Ready, api rolled out")
+    shop_settled(app, 1)
     generation = app.get("deployment", "api")["metadata"]["generation"]
 
     # A new release of the image: the same bits under a second tag, as a registry serves it.
