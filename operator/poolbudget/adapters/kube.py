@@ -104,16 +104,23 @@ class KubeGateway:
             # Never include the value: it is a credential.
             raise SecretKeyMissingError(f"{what} key {key!r} is not valid base64 UTF-8") from None
 
-    async def read_configmap(self, namespace: str, name: str) -> ConfigMapView | None:
+    async def _get_or_none(self, resource: Any, namespace: str, name: str) -> Any | None:
+        """One object by name; None if it does not exist, KubeError on any other failure."""
+        what = f"{resource.__name__} {namespace}/{name}"
         try:
             async with self._in_flight:
-                configmap = await self._client.get(ConfigMap, name, namespace=namespace)
+                return await self._client.get(resource, name, namespace=namespace)
         except ApiError as exc:
             if exc.status.code == 404:
                 return None
-            raise _translate(exc, f"ConfigMap {namespace}/{name}") from None
+            raise _translate(exc, what) from None
         except httpx2.HTTPError as exc:
-            raise KubeError(f"ConfigMap {namespace}/{name}: {type(exc).__name__}") from None
+            raise KubeError(f"{what}: {type(exc).__name__}") from None
+
+    async def read_configmap(self, namespace: str, name: str) -> ConfigMapView | None:
+        configmap = await self._get_or_none(ConfigMap, namespace, name)
+        if configmap is None:
+            return None
         metadata = configmap.metadata or ObjectMeta()
         return ConfigMapView(
             data=dict(configmap.data or {}),
@@ -123,16 +130,7 @@ class KubeGateway:
 
     async def budget_exists(self, namespace: str, name: str) -> bool:
         """Whether a PoolBudget of that name exists (to adopt ConfigMaps it left behind)."""
-        try:
-            async with self._in_flight:
-                await self._client.get(PoolBudgetResource, name, namespace=namespace)
-        except ApiError as exc:
-            if exc.status.code == 404:
-                return False
-            raise _translate(exc, f"PoolBudget {namespace}/{name}") from None
-        except httpx2.HTTPError as exc:
-            raise KubeError(f"PoolBudget {namespace}/{name}: {type(exc).__name__}") from None
-        return True
+        return await self._get_or_none(PoolBudgetResource, namespace, name) is not None
 
     async def apply_configmap(
         self,
