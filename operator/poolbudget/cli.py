@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Kopf peering instead of a Lease (replicas need distinct --priority values)",
     )
     run.add_argument("--priority", type=_non_negative, default=0, help="Kopf peering priority")
+    run.add_argument(
+        "--database-connection-lifetime",
+        type=_positive,
+        default=300,
+        metavar="SECONDS",
+        help="log in to each database again after this long, so a password changed on the "
+        "server is reported (an open connection stays authenticated); default: %(default)s",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -293,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bind_address=args.bind_address,
             peering=args.peering,
             priority=args.priority,
+            database_connection_lifetime=args.database_connection_lifetime,
             verbose=args.verbose,
         )
     except UsageError as exc:

@@ -46,7 +46,7 @@ from poolbudget.adapters.informer import (
 )
 from poolbudget.adapters.kube import KubeGateway, PoolBudgetResource
 from poolbudget.adapters.leader import LeaderElector
-from poolbudget.adapters.postgres import DatabaseProbe
+from poolbudget.adapters.postgres import CONNECTION_LIFETIME_SECONDS, DatabaseProbe
 from poolbudget.api.v1alpha1 import GROUP, PLURAL, VERSION
 from poolbudget.domain.cluster_view import ClusterView, Key, budget_claims
 from poolbudget.domain.observe import deployment_state, hpa_target
@@ -217,7 +217,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     if isinstance(elector, LeaderElector):
         # Renew the Lease on this loop: lightkube must not run in a second thread.
         memo["lease_task"] = asyncio.create_task(elector.hold(), name="lease")
-    runtime = Runtime(kube=kube, reconciler=Reconciler(kube=kube, prober_factory=DatabaseProbe))
+    lifetime = memo.get("database_connection_lifetime", CONNECTION_LIFETIME_SECONDS)
+
+    def prober(dsn: str) -> DatabaseProbe:
+        return DatabaseProbe(dsn, max_lifetime=float(lifetime))
+
+    runtime = Runtime(kube=kube, reconciler=Reconciler(kube=kube, prober_factory=prober))
     namespaces = memo.get("namespaces")
     runtime.start_informers(list(namespaces) if isinstance(namespaces, list) else [])
     memo["runtime"] = runtime

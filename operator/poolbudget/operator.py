@@ -24,6 +24,7 @@ def run_operator(
     peering: str | None,
     priority: int,
     verbose: bool,
+    database_connection_lifetime: float = 300.0,
 ) -> int:
     assert handlers.budget_changed is not None  # importing the module registered the handlers
     kopf.configure(verbose=verbose, log_prefix=True)
@@ -55,7 +56,12 @@ def run_operator(
             standalone=peering is None,
             peering_name=peering,
             priority=priority,
-            memo=kopf.Memo(elector=elector, namespaces=namespaces, health=health),
+            memo=kopf.Memo(
+                elector=elector,
+                namespaces=namespaces,
+                health=health,
+                database_connection_lifetime=database_connection_lifetime,
+            ),
         )
     finally:
         if elector is not None:

@@ -29,6 +29,9 @@ def operator_process(
     process = OperatorProcess(
         kubeconfig=crd_installed.kubeconfig,
         log_path=tmp_path_factory.mktemp("operator") / "operator.log",
+        # Log in to databases again every 5 s (default 300): the database fault test
+        # changes a password on the server and waits for it to be noticed.
+        extra_args=["--database-connection-lifetime", "5"],
     )
     process.start()
     try:

@@ -241,6 +241,32 @@ async def test_a_stopped_server_is_unreachable_then_found_again(fresh_pg: Databa
         await probe.close()
 
 
+async def test_a_password_changed_on_the_server_is_noticed_within_the_lifetime(
+    fresh_pg: Database,
+) -> None:
+    """An open connection stays authenticated after ALTER ROLE ... PASSWORD: the probe
+    logs in again once its connection is max_lifetime old, and then reports the failure."""
+    kept = DatabaseProbe(fresh_pg.dsn, max_lifetime=3600)
+    renewed = DatabaseProbe(fresh_pg.dsn, max_lifetime=0.5)
+    try:
+        await kept.probe()
+        await renewed.probe()
+        first = renewed.backend_pid
+        await asyncio.sleep(0.6)
+        await renewed.probe()  # same password: a new login, a new backend
+        assert renewed.backend_pid not in (None, first)
+
+        fresh_pg.server.sql("ALTER ROLE monitor PASSWORD 'rotated-on-the-server-5521'")
+        assert (await kept.probe()).max_connections == 37  # still the old, open session
+        await asyncio.sleep(0.6)
+        with pytest.raises(DatabaseAuthError, match="authentication failed") as caught:
+            await renewed.probe()
+        assert_no_secret(caught.value, MONITOR_PASSWORD, "rotated-on-the-server-5521")
+    finally:
+        await kept.close()
+        await renewed.close()
+
+
 # --- errors: typed, bounded, no password ----------------------------------------------------
 
 

@@ -3,7 +3,9 @@
 One `DatabaseProbe` per DSN keeps one connection open across reconciles (a new connection
 costs milliseconds and a slot; a warm probe is one round trip) and reconnects when it
 breaks. That connection counts against the database's limit: it belongs inside
-`spec.reservedConnections`.
+`spec.reservedConnections`. It is also replaced once it is `max_lifetime` old: an open
+connection stays authenticated after the role's password changes on the server, so without
+a fresh login a rotated password would go unnoticed until the next server restart.
 
 Every await is bounded: the connect timeout covers DNS, TCP, TLS and authentication; each
 query carries a server-side `statement_timeout` and, as a backstop for a network that
@@ -14,6 +16,7 @@ types below, whose messages name user@host:port/database and never the password.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -22,6 +25,8 @@ import asyncpg
 from poolbudget.domain.facts import DatabaseFacts
 
 CONNECT_TIMEOUT_SECONDS = 5.0
+# Like pgbouncer's server_lifetime or SQLAlchemy's pool_recycle: log in again this often.
+CONNECTION_LIFETIME_SECONDS = 300.0
 QUERY_TIMEOUT_SECONDS = 5.0
 # The client-side backstop fires this much after the server's own statement_timeout, so a
 # slow query is cancelled cleanly by the server (the connection stays usable) and only a
@@ -165,12 +170,15 @@ class DatabaseProbe:
         *,
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
         query_timeout: float = QUERY_TIMEOUT_SECONDS,
+        max_lifetime: float = CONNECTION_LIFETIME_SECONDS,
     ) -> None:
         self._dsn = dsn
         self._where = describe_dsn(dsn)
         self._connect_timeout = connect_timeout
         self._query_timeout = query_timeout
+        self._max_lifetime = max_lifetime
         self._connection: asyncpg.Connection | None = None
+        self._connected_at = 0.0  # time.monotonic() of the last successful login
         self._lock = asyncio.Lock()
 
     @property
@@ -185,6 +193,8 @@ class DatabaseProbe:
         """The limits now. Raises a DatabaseProbeError subclass; never hangs."""
         parse_dsn(self._dsn)  # here, not in __init__: a bad DSN is a probe result too
         async with self._lock:
+            if time.monotonic() - self._connected_at >= self._max_lifetime:
+                await self._close_kept()  # log in again: a changed password shows now
             reused = self._connection is not None and not self._connection.is_closed()
             connection = await self._connect()
             try:
@@ -207,13 +217,16 @@ class DatabaseProbe:
     async def close(self) -> None:
         """Close the kept connection (bounded; terminated if the server does not answer)."""
         async with self._lock:
-            connection, self._connection = self._connection, None
-            if connection is None or connection.is_closed():
-                return
-            try:
-                await connection.close(timeout=self._connect_timeout)
-            except (TimeoutError, *_CONNECTION_LOST, asyncpg.PostgresError):
-                connection.terminate()
+            await self._close_kept()
+
+    async def _close_kept(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None or connection.is_closed():
+            return
+        try:
+            await connection.close(timeout=self._connect_timeout)
+        except (TimeoutError, *_CONNECTION_LOST, asyncpg.PostgresError):
+            connection.terminate()
 
     def _discard(self) -> None:
         connection, self._connection = self._connection, None
@@ -236,6 +249,7 @@ class DatabaseProbe:
                         "statement_timeout": str(int(self._query_timeout * 1000)),
                     },
                 )
+                self._connected_at = time.monotonic()
         except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
             raise DatabaseAuthError(
                 f"authentication failed for {where} (check the Secret's DSN)"
