@@ -441,6 +441,17 @@ class Reconciler:
                     f"{plan.allocation(action.name).pool_size}, max_overflow "
                     f"{plan.allocation(action.name).max_overflow}",
                 )
+                if _hash_overwritten(state_now, previous_allocations.get(action.name, {})):
+                    await self.kube.post_event(
+                        ref,
+                        "Warning",
+                        "ConfigHashOverwritten",
+                        f"Deployment {action.name}: another writer changed or removed "
+                        f"{ANNOTATION_CONFIG_HASH} on its pod template (settings unchanged); "
+                        "restored it, which restarts the pods. Restores are paced by "
+                        "rollout.minIntervalSeconds; make the other writer leave the "
+                        "annotation alone (server-side apply without it, or ignore it)",
+                    )
             elif by_state[action.name].template_hash == by_state[action.name].desired_hash:
                 metrics.RESTARTS_SKIPPED.labels(**target_labels).inc()
 
@@ -846,6 +857,18 @@ def _configmap_change_message(
     old_overflow = before.data.get("DB_MAX_OVERFLOW", "?")
     old = f"pool_size {old_pool}, max_overflow {old_overflow}"
     return f"ConfigMap {name} updated: {old} -> {new} (peak {peak} of {plan.usable_connections})"
+
+
+def _hash_overwritten(state: TargetState, previous_allocation: dict[str, Any]) -> bool:
+    """The template's hash differs, yet the settings are those this operator last applied
+    and saw rolled out: someone else wrote the annotation (a GitOps tool replacing the
+    template, `kubectl rollout undo`)."""
+    return (
+        previous_allocation.get("state") == TargetPhase.APPLIED.value
+        and previous_allocation.get("configHash") == state.desired_hash
+        and state.configmap_hash == state.desired_hash
+        and state.template_hash != state.desired_hash
+    )
 
 
 def _parse_time(value: Any) -> datetime | None:

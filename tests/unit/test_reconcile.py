@@ -254,6 +254,34 @@ async def test_an_edited_key_of_ours_is_restored_once_without_a_restart() -> Non
     assert world.kube.configmaps["api-db-pool"].data["DB_POOL_SIZE"] == pool_size
 
 
+async def test_a_hash_another_writer_removed_is_restored_with_a_warning_once() -> None:
+    """A GitOps tool replacing the template (or `kubectl rollout undo`) drops our hash while
+    the settings stay the same: restoring it restarts the pods, so say why, once per
+    restore. A restart for new settings is no such case."""
+    world = World()
+    for _ in range(2):
+        await world.reconcile()
+    assert not [e for e in world.kube.events if e[1] == "ConfigHashOverwritten"]
+    state = world.deployments[("shop", "api")]
+    world.deployments[("shop", "api")] = state.model_copy(update={"template_hash": None})
+    world.kube.writes.clear()
+    for _ in range(3):
+        await world.reconcile()
+    assert world.kube.writes.count(("restart", "api")) == 1
+    warnings = [e for e in world.kube.events if e[1] == "ConfigHashOverwritten"]
+    assert len(warnings) == 1
+    assert warnings[0][0] == "Warning"
+    assert "Deployment api: another writer" in warnings[0][2]
+
+    world.deployments[("shop", "api")] = world.deployments[("shop", "api")].model_copy(
+        update={"replicas": 5}  # new settings: an ordinary restart
+    )
+    world.kube.writes.clear()
+    await world.reconcile()
+    assert ("restart", "api") in world.kube.writes
+    assert len([e for e in world.kube.events if e[1] == "ConfigHashOverwritten"]) == 1
+
+
 async def test_a_failed_reconcile_turns_ready_false_once_and_says_only_the_error_type() -> None:
     world = World()
     for _ in range(2):
