@@ -126,6 +126,15 @@ class OperatorProcess:
             self._process.wait(timeout=10)
         self._process = None
 
+    def pause(self) -> None:
+        """SIGSTOP, as a frozen process or a long GC pause would: its connections stay
+        open, nothing reads them. `resume` continues it."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running:  # a no-op otherwise, for `finally` blocks
+            os.kill(self.pid, signal.SIGCONT)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
