@@ -525,8 +525,10 @@ class LocalCluster:
 
     def compact_etcd(self) -> int:
         """Compact etcd at its current revision (as kube-apiserver does every 5 minutes, but
-        now): a watch from any older resourceVersion must then fail with 410 Gone. Returns
-        the revision compacted at."""
+        now): etcd keeps no older revision. kube-apiserver's watch caches hide that from its
+        clients until a cache starts over (its own etcd watch resuming from a compacted
+        revision, after an etcd restart); then a watch from an older resourceVersion gets
+        410 Gone. Returns the revision compacted at."""
         if self.etcd_url is None:
             raise LocalClusterError("the cluster has not been started")
 
