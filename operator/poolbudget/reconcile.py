@@ -151,6 +151,10 @@ class BudgetMemory:
     # hands us may not show our own patch yet, and fields like restartedTime must not be
     # lost to that race.
     last_status: dict[str, Any] | None = None
+    # Per Deployment, the config hash last seen on its pod template while it was the one
+    # wanted: a template that loses it while the settings stay the same was written by
+    # someone else.
+    template_hash_seen: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -387,6 +391,14 @@ class Reconciler:
                     ),
                 )
             )
+        overwritten = {
+            t.name
+            for t in target_states
+            if _hash_overwritten(t, memory.template_hash_seen.get(t.name))
+        }
+        for t in target_states:
+            if t.template_hash == t.desired_hash:
+                memory.template_hash_seen[t.name] = t.desired_hash
         policy = RolloutPolicy(
             restarts_enabled=spec.rollout.strategy is RolloutStrategy.ROLLING_RESTART,
             max_concurrent=spec.rollout.max_concurrent,
@@ -441,7 +453,7 @@ class Reconciler:
                     f"{plan.allocation(action.name).pool_size}, max_overflow "
                     f"{plan.allocation(action.name).max_overflow}",
                 )
-                if _hash_overwritten(state_now, previous_allocations.get(action.name, {})):
+                if action.name in overwritten:
                     await self.kube.post_event(
                         ref,
                         "Warning",
@@ -859,13 +871,12 @@ def _configmap_change_message(
     return f"ConfigMap {name} updated: {old} -> {new} (peak {peak} of {plan.usable_connections})"
 
 
-def _hash_overwritten(state: TargetState, previous_allocation: dict[str, Any]) -> bool:
-    """The template's hash differs, yet the settings are those this operator last applied
-    and saw rolled out: someone else wrote the annotation (a GitOps tool replacing the
-    template, `kubectl rollout undo`)."""
+def _hash_overwritten(state: TargetState, seen: str | None) -> bool:
+    """The template no longer carries the hash it was seen with, and the settings are
+    still those: someone else wrote the annotation (a GitOps tool replacing the template,
+    `kubectl rollout undo`)."""
     return (
-        previous_allocation.get("state") == TargetPhase.APPLIED.value
-        and previous_allocation.get("configHash") == state.desired_hash
+        seen == state.desired_hash
         and state.configmap_hash == state.desired_hash
         and state.template_hash != state.desired_hash
     )
