@@ -66,20 +66,40 @@ def test_text_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "headroom 2: Feasible" in out
 
 
-def test_budget_file_with_replicas(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("share_by", "api_pool", "worker_pool"),
+    [
+        # Per worker: api's 32 workers at weight 2 get 3 + 5 = 8 connections each, and the
+        # level (4 per unit) stays below what lifts worker's 4 above its minimum (1 + 5).
+        ("Worker", 3, 1),
+        # Per Deployment: worker's 4 workers are held at maxPoolSize 10.
+        ("Target", 2, 10),
+    ],
+)
+def test_budget_file_with_replicas(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    share_by: str,
+    api_pool: int,
+    worker_pool: int,
+) -> None:
+    budget = tmp_path / "budget.yaml"
+    budget.write_text(SHOP.read_text().replace("spec:\n", f"spec:\n  shareBy: {share_by}\n"))
     code, out, _ = run(
-        capsys, "plan", "-f", str(SHOP), "--max-connections", "300",
+        capsys, "plan", "-f", str(budget), "--max-connections", "300",
         "--replicas", "api=3", "--hpa-max", "api=6", "--replicas", "worker=2",
         "--max-surge", "worker=0", "-o", "json",
     )  # fmt: skip
     assert code == EXIT_OK
     plan = json.loads(out)
+    assert plan["shareBy"] == share_by
     api, worker = plan["allocations"]
     assert api["name"] == "api"
     assert api["pods"] == 6 + 2  # max(3, HPA 6) + ceil(25% of 6)
     assert api["workers"] == 32
     assert worker["pods"] == 2
-    assert worker["poolSize"] == 10  # held at its maxPoolSize
+    assert (api["poolSize"], worker["poolSize"]) == (api_pool, worker_pool)
+    assert worker["atMaxPoolSize"] == (share_by == "Target")
     assert plan["peakConnections"] <= plan["usableConnections"] == 300 - 3 - 10
 
 

@@ -1,6 +1,7 @@
 """Invariants of the sizing engine over thousands of generated fleets (hypothesis).
 
-Each property runs at least 2,000 generated cases (see `FLEETS`).
+Each property runs at least 2,000 generated cases (see `FLEETS`), in both sharing modes
+(`spec.shareBy: Worker | Target`, drawn with the limits).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from fractions import Fraction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from poolbudget.api.v1alpha1 import ShareBy
 from poolbudget.domain.sizing import (
     BudgetLimits,
     BudgetPlan,
@@ -51,7 +53,18 @@ limits_strategy = st.builds(
     max_connections=st.integers(1, 5000),
     withheld_by_server=st.integers(0, 10),
     reserved_connections=st.integers(0, 50),
+    share_by=st.sampled_from(ShareBy),
 )
+
+
+def _units(demand: TargetDemand, share_by: ShareBy) -> int:
+    """What the fill level is multiplied by for this target: its weight per worker
+    (shared by worker) or per target; the level is connections per unit."""
+    return demand.weight * demand.workers if share_by is ShareBy.WORKER else demand.weight
+
+
+# Verdicts from worst to best: more connections never move a plan down this list.
+_RANK = {Verdict.INFEASIBLE: 0, Verdict.OVERFLOW_REDUCED: 1, Verdict.FEASIBLE: 2}
 
 
 def _pools(plan: BudgetPlan) -> list[int]:
@@ -98,9 +111,17 @@ def test_every_bound_is_respected(limits: BudgetLimits, fleet: list[TargetDemand
 def test_more_max_connections_never_shrinks_a_pool(
     limits: BudgetLimits, fleet: list[TargetDemand], more: int
 ) -> None:
+    """Exactly so between Feasible plans. While the overflow is lowered the pools are
+    filled too, and that cannot be monotone: the pools of the first Feasible plan are the
+    minimum ones, so any pool filled above its minimum below that point falls back there
+    (the README's upgrade notes and trade-off say so). The verdict never gets worse."""
     before = plan_budget(limits, fleet)
     bigger = limits.model_copy(update={"max_connections": limits.max_connections + more})
     after = plan_budget(bigger, fleet)
+    assert _RANK[after.verdict] >= _RANK[before.verdict]
+    if before.verdict is not Verdict.FEASIBLE:
+        return
+    assert after.verdict is Verdict.FEASIBLE
     for old, new in zip(before.allocations, after.allocations, strict=True):
         assert new.pool_size >= old.pool_size
         assert new.max_overflow >= old.max_overflow
@@ -115,12 +136,18 @@ def test_more_max_connections_never_shrinks_a_pool(
 def test_more_replicas_never_grow_that_targets_pool(
     limits: BudgetLimits, fleet: list[TargetDemand], data: st.DataObject
 ) -> None:
+    """Between Feasible plans, in both modes (shared by worker, every pool may shrink)."""
     index = data.draw(st.integers(0, len(fleet) - 1))
     extra = data.draw(st.integers(1, 20))
     scaled = list(fleet)
     scaled[index] = fleet[index].model_copy(update={"pods": fleet[index].pods + extra})
-    before = plan_budget(limits, fleet).allocations[index]
-    after = plan_budget(limits, scaled).allocations[index]
+    before_plan = plan_budget(limits, fleet)
+    after_plan = plan_budget(limits, scaled)
+    assert _RANK[after_plan.verdict] <= _RANK[before_plan.verdict]
+    if after_plan.verdict is not Verdict.FEASIBLE:
+        return  # lowered overflow refills the pools: see the test above
+    before = before_plan.allocations[index]
+    after = after_plan.allocations[index]
     assert after.pool_size <= before.pool_size
     assert after.max_overflow <= before.max_overflow
 
@@ -132,17 +159,19 @@ def test_the_plan_wastes_nothing_it_could_give(
 ) -> None:
     """Headroom is smaller than the next step of the fill: one more connection per worker
     for the target next in line, ordered by fill level, then fewest workers, then name.
-    (Why "next in line" rather than "any target": test_sizing.py and the README.)"""
+    (Why "next in line" rather than "any target": test_sizing.py and the README.) This
+    holds with the overflow in force, lowered or not: lowering it fills the pools again."""
     plan = plan_budget(limits, fleet)
-    if plan.verdict is not Verdict.FEASIBLE:
+    if not plan.feasible:
         return
     candidates = []
     for demand, allocation in zip(fleet, plan.allocations, strict=True):
         if demand.max_pool_size is not None and allocation.pool_size >= demand.max_pool_size:
             continue
-        # The level (connections per unit weight) at which this pool would gain one more.
+        # The level (connections per unit) at which this pool would gain one more.
         level = Fraction(
-            (allocation.pool_size + 1 + demand.max_overflow) * demand.workers, demand.weight
+            (allocation.pool_size + 1 + allocation.max_overflow) * demand.workers,
+            _units(demand, limits.share_by),
         )
         candidates.append((level, demand.workers, demand.name))
     if not candidates:
@@ -153,9 +182,36 @@ def test_the_plan_wastes_nothing_it_could_give(
 
 @FLEETS
 @given(limits=limits_strategy, fleet=fleets())
+def test_lowered_overflow_is_the_one_that_wastes_least(
+    limits: BudgetLimits, fleet: list[TargetDemand]
+) -> None:
+    """When the overflow must be lowered, no common cap whose minimum pools fit leaves
+    fewer connections unused once the pools are filled, and a higher cap is taken whenever
+    it leaves no more. Each cap's fill is planned on its own: the same fleet with every
+    max_overflow capped, which the engine plans as Feasible."""
+    plan = plan_budget(limits, fleet)
+    if plan.verdict is not Verdict.OVERFLOW_REDUCED:
+        return
+    chosen = max(a.max_overflow for a in plan.allocations)
+    assert all(a.max_overflow == min(a.requested_max_overflow, chosen) for a in plan.allocations)
+    for cap in range(max(d.max_overflow for d in fleet)):
+        capped = [d.model_copy(update={"max_overflow": min(d.max_overflow, cap)}) for d in fleet]
+        alternative = plan_budget(limits, capped)
+        if alternative.verdict is not Verdict.FEASIBLE:
+            continue  # the minimum pools do not fit under this cap
+        if cap == chosen:
+            assert _pools(alternative) == _pools(plan)
+        assert alternative.headroom >= plan.headroom
+        if cap > chosen:
+            assert alternative.headroom > plan.headroom
+
+
+@FLEETS
+@given(limits=limits_strategy, fleet=fleets())
 def test_shares_follow_weights(limits: BudgetLimits, fleet: list[TargetDemand]) -> None:
     """No target that could still grow is more than one of its own steps behind another
-    target's share per unit of weight (the water level is common to all)."""
+    target's share per unit of weight, per worker or per target as shared (the water
+    level is common to all)."""
     plan = plan_budget(limits, fleet)
     if plan.verdict is not Verdict.FEASIBLE:
         return
@@ -163,14 +219,14 @@ def test_shares_follow_weights(limits: BudgetLimits, fleet: list[TargetDemand]) 
     for d_i, a_i in pairs:
         if d_i.max_pool_size is not None and a_i.pool_size >= d_i.max_pool_size:
             continue
-        behind = Fraction(a_i.peak_connections + d_i.workers, d_i.weight)
+        behind = Fraction(a_i.peak_connections + d_i.workers, _units(d_i, limits.share_by))
         for d_j, a_j in pairs:
             if a_j.pool_size <= d_j.min_pool_size:
                 continue  # held up by its minimum, not by the level
-            ahead = Fraction(a_j.peak_connections, d_j.weight)
+            ahead = Fraction(a_j.peak_connections, _units(d_j, limits.share_by))
             # One target-step of slack for each: i may be a step behind, j a step ahead
             # from the tie-break at the top of the fill.
-            assert behind + Fraction(d_j.workers, d_j.weight) > ahead
+            assert behind + Fraction(d_j.workers, _units(d_j, limits.share_by)) > ahead
 
 
 @FLEETS
@@ -179,11 +235,14 @@ def test_shares_follow_weights(limits: BudgetLimits, fleet: list[TargetDemand]) 
     reserved=st.integers(0, 50),
     workers=st.integers(1, 400),
     overflow=st.integers(0, 30),
+    share_by=st.sampled_from(ShareBy),
 )
 def test_one_target_is_the_classic_rule(
-    max_connections: int, reserved: int, workers: int, overflow: int
+    max_connections: int, reserved: int, workers: int, overflow: int, share_by: ShareBy
 ) -> None:
-    limits = BudgetLimits(max_connections=max_connections, reserved_connections=reserved)
+    limits = BudgetLimits(
+        max_connections=max_connections, reserved_connections=reserved, share_by=share_by
+    )
     demand = TargetDemand(name="app", pods=1, processes_per_pod=workers, max_overflow=overflow)
     plan = plan_budget(limits, [demand])
     classic = limits.usable // workers - overflow
@@ -192,3 +251,31 @@ def test_one_target_is_the_classic_rule(
         assert plan.allocation("app").pool_size == classic
     else:
         assert plan.verdict is not Verdict.FEASIBLE
+
+
+@FLEETS
+@given(
+    max_connections=st.integers(1, 5000),
+    reserved=st.integers(0, 50),
+    overflow=st.integers(0, 20),
+    shapes=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 16)), min_size=1, max_size=6),
+)
+def test_shared_by_worker_is_the_guides_formula_over_all_workers(
+    max_connections: int, reserved: int, overflow: int, shapes: list[tuple[int, int]]
+) -> None:
+    """Default weights and one overflow: every target gets floor(usable / all workers) -
+    max_overflow, or one more where what that leaves over pays for the step."""
+    limits = BudgetLimits(max_connections=max_connections, reserved_connections=reserved)
+    fleet = [
+        TargetDemand(name=f"t{i}", pods=pods, processes_per_pod=processes, max_overflow=overflow)
+        for i, (pods, processes) in enumerate(shapes)
+    ]
+    workers = sum(d.workers for d in fleet)
+    formula = limits.usable // workers - overflow
+    plan = plan_budget(limits, fleet)
+    if formula < 1:
+        assert plan.verdict is not Verdict.FEASIBLE
+        return
+    assert plan.verdict is Verdict.FEASIBLE
+    assert all(a.pool_size in (formula, formula + 1) for a in plan.allocations)
+    assert plan.headroom < workers

@@ -68,6 +68,25 @@ class ReplicaBasis(StrEnum):
     CURRENT = "Current"  # replicas + surge
 
 
+class ShareBy(StrEnum):
+    """What a target's weight multiplies when the budget is shared."""
+
+    WORKER = "Worker"  # weight x workers: the same pool per worker for equal weights
+    TARGET = "Target"  # weight alone: the same total per Deployment for equal weights
+
+
+SHARE_BY_DESCRIPTION = (
+    "How the usable connections are shared. Worker (default): per worker process; with "
+    "equal weights every worker of every target gets the same pool, floor(usable / all "
+    "workers) - maxOverflow, and weight 2 means twice the pool per worker. Fair to busy "
+    "services, but when one Deployment scales the level moves for all, so most targets' "
+    "pools change and their Deployments restart (paced by rollout). Target: per Deployment; "
+    "with equal weights each target gets the same total whatever its size, so a target "
+    "with many workers gets small pools, but a Deployment that scales changes mostly its "
+    "own pools (others only when rounding moves the shared level), so fewer restart."
+)
+
+
 class RolloutStrategy(StrEnum):
     ROLLING_RESTART = "RollingRestart"
     NONE = "None"
@@ -275,7 +294,10 @@ class Target(CamelModel):
         default=1,
         ge=1,
         le=1000,
-        description="Share of the budget relative to the other targets' weights.",
+        description=(
+            "Share of the budget relative to the other targets' weights: per worker "
+            "process (shareBy Worker) or per Deployment (shareBy Target)."
+        ),
     )
     min_pool_size: int = Field(
         default=1,
@@ -396,6 +418,7 @@ class PoolBudgetSpec(CamelModel):
             "Current: replicas + maxSurge (breaks when an HPA scales up)."
         ),
     )
+    share_by: ShareBy = Field(default=ShareBy.WORKER, description=SHARE_BY_DESCRIPTION)
     defaults: PoolDefaults = Field(
         default=PoolDefaults(), description="Pool settings written for every target."
     )

@@ -13,12 +13,14 @@ POSTGRES_DEFAULT_SUPERUSER_RESERVED = 3
 
 
 def limits_for(spec: PoolBudgetSpec, database: DatabaseFacts) -> BudgetLimits:
-    """The budget's limits; spec.database.maxConnectionsOverride wins over the server."""
+    """The budget's limits and how it is shared; spec.database.maxConnectionsOverride wins
+    over the server."""
     max_connections = spec.database.max_connections_override or database.max_connections
     return BudgetLimits(
         max_connections=max_connections,
         withheld_by_server=database.withheld_by_server,
         reserved_connections=spec.reserved_connections,
+        share_by=spec.share_by,
     )
 
 

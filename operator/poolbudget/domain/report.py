@@ -41,6 +41,10 @@ def plan_table(plan: BudgetPlan, replicas: Mapping[str, int] | None = None) -> s
         f"{plan.withheld_by_server} - reserved {plan.reserved_connections} "
         f"= usable {plan.usable_connections}"
     )
+    if len(plan.allocations) > 1:
+        # One target gets the classic rule either way; with several it says what the
+        # weights multiply.
+        limits += f", shared by {plan.share_by.value.lower()}"
     totals = (
         f"peak {plan.peak_connections} / usable {plan.usable_connections}, "
         f"headroom {plan.headroom}: {plan.verdict.value}"

@@ -6,13 +6,17 @@ of peaks fits in the usable connections.
 
 How the budget is shared — a weighted water-fill:
 
-* A single *level* λ (connections per unit of weight) is raised from zero. At level λ a
-  target's pool is ``floor(λ * weight / workers) - max_overflow``, clamped to
-  ``[minPoolSize, maxPoolSize]``; the level stops at the highest value whose total peak
-  still fits. One target therefore gets exactly the classic
-  ``floor(usable / workers) - max_overflow``; several targets get peaks proportional to
-  their weights; a target held at its ``maxPoolSize`` stops growing and the others keep
-  rising, so what it does not use goes to them.
+* A single *level* λ is raised from zero. Shared by worker (the default), λ is in
+  connections per worker per unit of weight and a target's pool is
+  ``floor(λ * weight) - max_overflow``: with equal weights every worker of every target
+  gets the classic ``floor(usable / all workers) - max_overflow``. Shared by target, λ is
+  in connections per target per unit of weight and the pool is
+  ``floor(λ * weight / workers) - max_overflow``: equal weights give every Deployment the
+  same total. Either way the pool is clamped to ``[minPoolSize, maxPoolSize]`` and the
+  level stops at the highest value whose total peak still fits. One target therefore gets
+  exactly the classic ``floor(usable / workers) - max_overflow`` in both modes; a target
+  held at its ``maxPoolSize`` stops growing and the others keep rising, so what it does not
+  use goes to them.
 * Targets that step up at the same level step one at a time in a fixed order (fewest
   workers first, then name), so the fill is one ordered sequence of steps and the plan is
   the longest prefix of it that fits. Every pool is therefore a non-decreasing function of
@@ -22,7 +26,10 @@ How the budget is shared — a weighted water-fill:
   someone's pool (and restart that Deployment); stability wins. See the README.
 
 When even ``minPoolSize`` for everyone does not fit, ``max_overflow`` is lowered first — one
-common cap for all targets, as high as fits, pools held at their minimum — and if the
+common cap for all targets — and the pools are filled again with the lowered overflow. Of
+the caps under which the minimum pools fit, the plan takes the one whose fill leaves the
+fewest connections unused, the highest such cap on a tie: the highest cap alone would hold
+the pools at their minimum and could leave almost one connection per worker unused. If the
 minimum pools do not fit with no overflow at all, the plan is infeasible and says which
 target needs what and how many connections are missing.
 """
@@ -36,6 +43,7 @@ from functools import reduce
 
 from pydantic import Field, computed_field, model_validator
 
+from poolbudget.api.v1alpha1 import ShareBy
 from poolbudget.domain.facts import Frozen
 
 
@@ -65,13 +73,15 @@ class TargetDemand(Frozen):
 
 
 class BudgetLimits(Frozen):
-    """The connection limit and everything held back from it."""
+    """The connection limit, everything held back from it, and how the rest is shared."""
 
     max_connections: int = Field(ge=0)
     # superuser_reserved_connections + reserved_connections (PostgreSQL 16+).
     withheld_by_server: int = Field(default=0, ge=0)
     # spec.reservedConnections: admin, monitoring, migrations, the operator itself.
     reserved_connections: int = Field(default=0, ge=0)
+    # spec.shareBy: what a target's weight multiplies (its workers, or nothing).
+    share_by: ShareBy = ShareBy.WORKER
 
     @property
     def usable(self) -> int:
@@ -110,6 +120,7 @@ class BudgetPlan(Frozen):
     withheld_by_server: int
     reserved_connections: int
     usable_connections: int
+    share_by: ShareBy
     allocations: tuple[Allocation, ...]
     verdict: Verdict
     reason: str
@@ -172,6 +183,7 @@ def plan_budget(limits: BudgetLimits, demands: Sequence[TargetDemand]) -> Budget
             withheld_by_server=limits.withheld_by_server,
             reserved_connections=limits.reserved_connections,
             usable_connections=usable,
+            share_by=limits.share_by,
             allocations=allocations,
             verdict=verdict,
             reason=reason,
@@ -183,8 +195,9 @@ def plan_budget(limits: BudgetLimits, demands: Sequence[TargetDemand]) -> Budget
     if not demands:
         return make_plan([], [], Verdict.FEASIBLE, "no targets", 0)
 
+    share_by = limits.share_by
     if _peak(demands, minimum_pools, full_overflow) <= usable:
-        pools = _water_fill(demands, usable)
+        pools = _water_fill(demands, full_overflow, usable, share_by)
         peak = _peak(demands, pools, full_overflow)
         reason = (
             f"{len(demands)} target(s) peak at {peak} of {usable} usable connections "
@@ -193,17 +206,23 @@ def plan_budget(limits: BudgetLimits, demands: Sequence[TargetDemand]) -> Budget
         return make_plan(pools, full_overflow, Verdict.FEASIBLE, reason, 0)
 
     # Not even the minimum pools fit with the requested overflow: lower overflow first.
-    cap = _highest_overflow_cap(demands, usable)
-    if cap is not None:
+    highest = _highest_overflow_cap(demands, usable)
+    if highest is not None:
+        cap, pools, unused = _least_waste_cap(demands, usable, share_by, highest)
         overflows = [min(d.max_overflow, cap) for d in demands]
         lowered = [d.name for d in demands if d.max_overflow > cap]
-        peak = _peak(demands, minimum_pools, overflows)
         reason = (
             f"max_overflow lowered to {cap} for {', '.join(lowered)}: minimum pools with the "
             f"requested overflow need {_peak(demands, minimum_pools, full_overflow)} "
             f"connections, {usable} usable"
         )
-        return make_plan(minimum_pools, overflows, Verdict.OVERFLOW_REDUCED, reason, 0)
+        if cap < highest:
+            _, unused_at_highest = _filled_with_cap(demands, usable, share_by, highest)
+            reason += (
+                f"; {highest} would fit too but leave {unused_at_highest} unused, "
+                f"{cap} leaves {unused}"
+            )
+        return make_plan(pools, overflows, Verdict.OVERFLOW_REDUCED, reason, 0)
 
     no_overflow = [0] * len(demands)
     needed = _peak(demands, minimum_pools, no_overflow)
@@ -243,32 +262,70 @@ def _highest_overflow_cap(demands: Sequence[TargetDemand], usable: int) -> int |
     return low
 
 
-def _water_fill(demands: Sequence[TargetDemand], usable: int) -> list[int]:
+def _filled_with_cap(
+    demands: Sequence[TargetDemand], usable: int, share_by: ShareBy, cap: int
+) -> tuple[list[int], int]:
+    """The pools filled under a common overflow cap, and the connections left unused."""
+    overflows = [min(d.max_overflow, cap) for d in demands]
+    pools = _water_fill(demands, overflows, usable, share_by)
+    return pools, usable - _peak(demands, pools, overflows)
+
+
+def _least_waste_cap(
+    demands: Sequence[TargetDemand], usable: int, share_by: ShareBy, highest: int
+) -> tuple[int, list[int], int]:
+    """The common overflow cap up to ``highest`` whose filled pools leave the fewest
+    connections unused (the higher cap on a tie), its pools and what it leaves unused.
+
+    Every cap up to ``highest`` fits the minimum pools (less overflow never needs more
+    connections), so each one is a safe plan; a lower cap frees connections the fill hands
+    to the pools.
+    """
+    pools, unused = _filled_with_cap(demands, usable, share_by, highest)
+    best = (highest, pools, unused)
+    for cap in range(highest - 1, -1, -1):
+        if best[2] == 0:
+            break  # nothing lower can waste less
+        pools, unused = _filled_with_cap(demands, usable, share_by, cap)
+        if unused < best[2]:
+            best = (cap, pools, unused)
+    return best
+
+
+def _water_fill(
+    demands: Sequence[TargetDemand], overflows: Sequence[int], usable: int, share_by: ShareBy
+) -> list[int]:
     """Pool sizes at the highest fill level whose total peak fits in ``usable``.
 
-    The level is kept as an integer ``mu`` in units of ``1/scale`` connections per weight,
-    where ``scale`` is the lcm of the weights, so every step of every target lands on an
-    integer and a binary search over integers finds the level exactly (ties included).
+    ``overflows`` are the max_overflow values in force (the requested ones, or lowered);
+    the minimum pools with them must fit. The level is kept as an integer ``mu`` in units
+    of ``1/scale``, where ``scale`` is the lcm of the weights, so every step of every target
+    lands on an integer and a binary search over integers finds the level exactly (ties
+    included). A target's pool is ``mu * weight / (scale * divisor) - overflow``, rounded
+    down, with ``divisor`` its workers when shared by target and 1 when shared by worker.
     """
     scale = reduce(math.lcm, (d.weight for d in demands), 1)
+    divisors = [d.workers if share_by is ShareBy.TARGET else 1 for d in demands]
 
     def pools_at(mu: int) -> list[int]:
         pools = []
-        for d in demands:
-            pool = (mu * d.weight) // (d.workers * scale) - d.max_overflow
+        for d, overflow, divisor in zip(demands, overflows, divisors, strict=True):
+            pool = (mu * d.weight) // (divisor * scale) - overflow
             pool = max(pool, d.min_pool_size)
             if d.max_pool_size is not None:
                 pool = min(pool, d.max_pool_size)
             pools.append(pool)
         return pools
 
-    overflows = [d.max_overflow for d in demands]
-
     def total_at(mu: int) -> int:
         return _peak(demands, pools_at(mu), overflows)
 
-    # Past this level every uncapped target alone would exceed the budget.
-    high = max((usable + (d.max_overflow + 1) * d.workers) * scale // d.weight for d in demands)
+    # Past this level every uncapped target alone would exceed the budget (per worker it
+    # is at least usable + overflow + 1 in both modes, as workers and weights are >= 1).
+    high = max(
+        (usable + (overflow + 1) * d.workers) * scale // d.weight
+        for d, overflow in zip(demands, overflows, strict=True)
+    )
     high += 1
     if total_at(high) <= usable:  # everyone is held at maxPoolSize
         return pools_at(high)
