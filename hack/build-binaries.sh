@@ -198,7 +198,9 @@ for entry in "${binaries[@]}"; do
   # A cold kube-apiserver compiles for minutes without a word: say it is still going.
   ( while sleep 30 && kill -0 $$ 2>/dev/null; do log "  ... ${name}: $(( SECONDS - start )) s"; done ) &
   heartbeat=$!
-  trap 'kill "${heartbeat}" 2>/dev/null' EXIT
+  # `|| true`: under `set -e` a failing kill in an EXIT trap becomes the script's status,
+  # so a cold build that succeeded exited 1 once the heartbeat had already gone.
+  trap 'kill "${heartbeat}" 2>/dev/null || true' EXIT
   if [[ -x /usr/bin/time ]]; then
     (cd "${wrappers}/${wrapper}" && /usr/bin/time -o "${timing}" \
       -f "%e s wall, %U s user, %S s sys, %M KiB peak RSS (largest process)" "${build[@]}")
@@ -207,6 +209,7 @@ for entry in "${binaries[@]}"; do
     echo "$(( SECONDS - start )) s wall" >"${timing}"
   fi
   kill "${heartbeat}" 2>/dev/null || true
+  trap - EXIT
   mv -f "${tmp}" "${out}"
   built=$(( built + 1 ))
   log "built   ${name} ${version} in $(( SECONDS - start )) s: $(cat "${timing}")"
