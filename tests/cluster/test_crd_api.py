@@ -319,5 +319,6 @@ def test_kubectl_get_shows_the_printer_columns(cluster: LocalCluster, kube_names
 
     assert header.split() == ["NAME", "MAX", "USABLE", "PEAK", "HEADROOM", "READY", "AGE"]
     assert row.split()[:6] == ["shop-db", "200", "187", "180", "7", "True"]
-    assert wide_header.split()[7:] == ["FEASIBLE", "REASON", "DB", "VERSION"]
-    assert wide_row.split()[7:] == ["True", "BudgetApplied", "16.4"]
+    assert wide_header.split()[7:] == ["FEASIBLE", "REASON", "SHARE", "DB", "VERSION"]
+    # shareBy is not in the applied spec: the API server's default shows.
+    assert wide_row.split()[7:] == ["True", "BudgetApplied", "Worker", "16.4"]

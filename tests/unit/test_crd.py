@@ -647,9 +647,10 @@ def test_printer_columns(root: Schema, version: dict[str, Any]) -> None:
     assert wide == [
         ("Feasible", '.status.conditions[?(@.type=="BudgetFeasible")].status'),
         ("Reason", '.status.conditions[?(@.type=="Ready")].reason'),
+        ("Share", ".spec.shareBy"),
         ("DB Version", ".status.database.serverVersion"),
     ]
     for column in columns:
-        if column["jsonPath"].startswith(".status"):
+        if column["jsonPath"].startswith((".status", ".spec")):
             # The column points at a field that exists, with the column's type.
             assert _schema_at(root, column["jsonPath"])["type"] == column["type"], column

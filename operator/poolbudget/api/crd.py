@@ -395,7 +395,8 @@ def _condition_column(
 
 
 def printer_columns() -> list[dict[str, Any]]:
-    """`kubectl get pbud`: limit, usable, peak, headroom, Ready, age; more under -o wide."""
+    """`kubectl get pbud`: limit, usable, peak, headroom, Ready, age; more under -o wide
+    (feasibility, reason, how the budget is shared, server version)."""
 
     def integer(name: str, path: str, description: str) -> dict[str, Any]:
         return {"name": name, "type": "integer", "jsonPath": path, "description": description}
@@ -416,6 +417,13 @@ def printer_columns() -> list[dict[str, Any]]:
             "Feasible", "BudgetFeasible", "status", "the BudgetFeasible condition", priority=1
         ),
         _condition_column("Reason", "Ready", "reason", "why Ready is what it is", priority=1),
+        {
+            "name": "Share",
+            "type": "string",
+            "jsonPath": ".spec.shareBy",
+            "description": "how the budget is shared: per Worker or per Target",
+            "priority": 1,
+        },
         {
             "name": "DB Version",
             "type": "string",
