@@ -1,4 +1,8 @@
-"""Read PostgreSQL's connection limits with asyncpg, as an unprivileged role.
+"""Read PostgreSQL's connection limits and its live connections with asyncpg.
+
+The limits need no privilege. The activity (`DatabaseProbe.activity`) is complete for a
+role with pg_monitor (or pg_read_all_stats); a plain role sees every connection's
+application_name but the state only of its own role's sessions (see _ACTIVITY_QUERY).
 
 One `DatabaseProbe` per DSN keeps one connection open across reconciles (a new connection
 costs milliseconds and a slot; a warm probe is one round trip) and reconnects when it
@@ -17,12 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
+from poolbudget.domain.activity import (
+    OPERATOR_APPLICATION_NAME,
+    ActivityRow,
+    DatabaseActivity,
+    session_state,
+)
 from poolbudget.domain.facts import DatabaseFacts
+
+T = TypeVar("T")
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 # Like pgbouncer's server_lifetime or SQLAlchemy's pool_recycle: log in again this often.
@@ -32,7 +46,7 @@ QUERY_TIMEOUT_SECONDS = 5.0
 # slow query is cancelled cleanly by the server (the connection stays usable) and only a
 # silent network is cut off by the client.
 CLIENT_TIMEOUT_MARGIN_SECONDS = 1.0
-APPLICATION_NAME = "poolbudget-operator"
+APPLICATION_NAME = OPERATOR_APPLICATION_NAME
 
 # current_setting(name, true) is NULL for a setting the server does not have:
 # reserved_connections exists from PostgreSQL 16 on.
@@ -54,6 +68,28 @@ _IN_USE_QUERY = """
 SELECT count(*) FROM pg_catalog.pg_stat_activity
 WHERE backend_type = 'client backend'
    OR (backend_type IS NULL AND datid IS NOT NULL AND usesysid IS NOT NULL)
+"""
+
+# Every client backend of the server, in every database: max_connections is one limit for
+# the whole server, so a client of another database takes a slot from the budget all the
+# same. One scan of the backend status array, grouped: a few rows per application.
+# Without pg_read_all_stats (pg_monitor has it) another role's row keeps its
+# application_name, datid and usesysid but shows NULL state, wait_event_type and
+# state_change: it is counted by name with state NULL ('unknown'), and its lock waits and
+# stale transactions cannot be seen. The client-backend test is _IN_USE_QUERY's.
+_ACTIVITY_QUERY = """
+SELECT coalesce(application_name, '') AS application_name,
+       state,
+       count(*)::int AS connections,
+       (count(*) FILTER (WHERE wait_event_type = 'Lock'))::int AS lock_waits,
+       (count(*) FILTER (
+           WHERE state LIKE 'idle in transaction%'
+             AND state_change < now() - make_interval(secs => $1::float8)
+       ))::int AS stale_in_transaction
+FROM pg_catalog.pg_stat_activity
+WHERE backend_type = 'client backend'
+   OR (backend_type IS NULL AND datid IS NOT NULL AND usesysid IS NOT NULL)
+GROUP BY 1, 2
 """
 
 # How a reused connection looks when the server or the network dropped it.
@@ -191,6 +227,36 @@ class DatabaseProbe:
 
     async def probe(self) -> DatabaseFacts:
         """The limits now. Raises a DatabaseProbeError subclass; never hangs."""
+        return await self._with_connection(self._read)
+
+    async def activity(self, stale_after_seconds: float) -> DatabaseActivity:
+        """Every client backend of the server, by application_name and state, with lock
+        waits and sessions idle in transaction for more than `stale_after_seconds`; one
+        query on the kept connection. Raises a DatabaseProbeError subclass; never hangs."""
+
+        async def read(connection: asyncpg.Connection) -> DatabaseActivity:
+            records = await self._bounded(
+                connection.fetch(_ACTIVITY_QUERY, stale_after_seconds), "report its activity"
+            )
+            return DatabaseActivity(
+                rows=tuple(
+                    ActivityRow(
+                        application_name=str(record["application_name"]),
+                        state=session_state(record["state"]),
+                        connections=int(record["connections"]),
+                        lock_waits=int(record["lock_waits"]),
+                        stale_in_transaction=int(record["stale_in_transaction"]),
+                    )
+                    for record in records
+                ),
+                stale_after_seconds=stale_after_seconds,
+            )
+
+        return await self._with_connection(read)
+
+    async def _with_connection(self, read: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `read` on the kept connection (opened or renewed as needed); if the kept
+        connection turns out dead, once more on a fresh one."""
         parse_dsn(self._dsn)  # here, not in __init__: a bad DSN is a probe result too
         async with self._lock:
             if time.monotonic() - self._connected_at >= self._max_lifetime:
@@ -198,7 +264,7 @@ class DatabaseProbe:
             reused = self._connection is not None and not self._connection.is_closed()
             connection = await self._connect()
             try:
-                return await self._read(connection)
+                return await read(connection)
             except _CONNECTION_LOST:
                 self._discard()
                 if not reused:
@@ -209,7 +275,7 @@ class DatabaseProbe:
             # one fresh attempt.
             connection = await self._connect()
             try:
-                return await self._read(connection)
+                return await read(connection)
             except _CONNECTION_LOST:
                 self._discard()
                 raise DatabaseUnreachableError(f"lost the connection to {self._where}") from None
@@ -285,10 +351,30 @@ class DatabaseProbe:
         return self._connection
 
     async def _read(self, connection: asyncpg.Connection) -> DatabaseFacts:
+        async def both() -> tuple[asyncpg.Record | None, int | None]:
+            return (
+                await connection.fetchrow(_LIMITS_QUERY),
+                await self._connections_in_use(connection),
+            )
+
+        limits, in_use = await self._bounded(both(), "report its limits")
+        if limits is None:  # one row, always; this only satisfies the type checker
+            raise DatabaseProbeError(f"{self._where} returned no limits")
+        return DatabaseFacts(
+            max_connections=int(limits["max_connections"]),
+            superuser_reserved_connections=int(limits["superuser_reserved"]),
+            reserved_connections=int(limits["reserved"]),
+            server_version=str(limits["server_version"]).split(" ")[0],  # "15.8 (Debian ...)"
+            server_version_num=int(limits["server_version_num"]),
+            connections_in_use=in_use,
+        )
+
+    async def _bounded(self, query: Awaitable[T], what: str) -> T:
+        """Await a query within the client-side backstop; translate what can go wrong.
+        A lost connection propagates as is: _with_connection retries it once."""
         try:
             async with asyncio.timeout(self._query_timeout + CLIENT_TIMEOUT_MARGIN_SECONDS):
-                limits = await connection.fetchrow(_LIMITS_QUERY)
-                in_use = await self._connections_in_use(connection)
+                return await query
         except TimeoutError:
             # The network went quiet mid-query: the connection's state is unknown.
             self._discard()
@@ -303,18 +389,8 @@ class DatabaseProbe:
             raise
         except asyncpg.PostgresError as exc:
             raise DatabaseProbeError(
-                f"{self._where} failed to report its limits (SQLSTATE {exc.sqlstate})"
+                f"{self._where} failed to {what} (SQLSTATE {exc.sqlstate})"
             ) from None
-        if limits is None:  # one row, always; this only satisfies the type checker
-            raise DatabaseProbeError(f"{self._where} returned no limits")
-        return DatabaseFacts(
-            max_connections=int(limits["max_connections"]),
-            superuser_reserved_connections=int(limits["superuser_reserved"]),
-            reserved_connections=int(limits["reserved"]),
-            server_version=str(limits["server_version"]).split(" ")[0],  # "15.8 (Debian ...)"
-            server_version_num=int(limits["server_version_num"]),
-            connections_in_use=in_use,
-        )
 
     @staticmethod
     async def _connections_in_use(connection: asyncpg.Connection) -> int | None:
