@@ -93,7 +93,7 @@ fleet: venv postgres ## the fleet proof: one process per worker bursts 3x its po
 fleet-pods: venv postgres node-deps binaries images ## the fleet proof on real pods with the operator (FLEET_ARGS=--scale small); writes out/fleet-pods.png
 	$(PY) -m devtools.fleet_pods $(FLEET_ARGS)
 
-bench: venv postgres binaries ## figures: reaction latency vs a minimal client, no-op cost, scale (BENCH_ARGS=...)
+bench: venv postgres binaries ## figures: reaction latency vs a minimal client, no-op cost, scale, activity query cost (BENCH_ARGS=...)
 	$(PY) -m devtools.bench $(BENCH_ARGS)
 
 clean: ## remove the virtualenv and tool caches inside the repo (not the Go build cache)

@@ -7,8 +7,14 @@
 3. Writes and new database connections per no-op reconcile (expected 0).
 4. Scale: N PoolBudgets over M Deployments (replicas 0, so no pods are needed): operator
    peak RSS, CPU seconds, time to converge from a cold start and after a restart.
+5. Activity: the cost of the pg_stat_activity query (DatabaseProbe.activity) with 10 and
+   with --activity-connections idle client connections open on one server (no cluster).
 
     python -m devtools.bench [--changes 50] [--budgets 100] [--deployments 1000] [--json PATH]
+    python -m devtools.bench --parts activity [--activity-connections 1000] [--activity-runs 50]
+
+Only the parts selected with --parts run; the local cluster is started only for those that
+need one (latency, noop, floor, scale).
 
 Stakater Reloader is not measured: `go list -m -versions github.com/stakater/Reloader`
 answers "403 Forbidden: This module version is not available" from the module proxy here,
@@ -18,6 +24,7 @@ so it cannot be built on this machine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import os
@@ -29,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import yaml
 from lightkube import Client, KubeConfig
 from lightkube.resources.apps_v1 import Deployment
@@ -38,8 +46,13 @@ from devtools.localcluster import LocalCluster, find_binaries
 from devtools.operator_process import OperatorProcess, wait_for
 from devtools.pgserver import PostgresServer
 from devtools.podready import PodReadier
+from poolbudget.adapters.postgres import DatabaseProbe
 
 REPO = Path(__file__).resolve().parents[1]
+CLUSTER_PARTS = {"latency", "noop", "floor", "scale"}
+# The activity part's fleet: a few application names, as a budget's targets would have.
+ACTIVITY_APPLICATIONS = 20
+ACTIVITY_CONNECT_BATCH = 50
 HASH = "poolbudget.dev/config-hash"
 FLOOR_ANNOTATION = "bench.poolbudget.dev/seen-replicas"
 
@@ -371,6 +384,70 @@ def measure_scale(
             "cold_start": cold, "after_restart": restart}  # fmt: skip
 
 
+async def _time_activity(probe: DatabaseProbe, runs: int) -> tuple[list[float], int]:
+    """Seconds per DatabaseProbe.activity() call on the warm connection, and rows returned."""
+    rows = len((await probe.activity(5.0)).rows)  # warm: connect and log in first
+    seconds: list[float] = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        await probe.activity(5.0)
+        seconds.append(time.perf_counter() - started)
+    return seconds, rows
+
+
+async def _open_idle(dsn: str, count: int, first: int) -> list[asyncpg.Connection]:
+    """`count` idle asyncpg connections, spread over ACTIVITY_APPLICATIONS names."""
+    opened: list[asyncpg.Connection] = []
+    for start in range(first, first + count, ACTIVITY_CONNECT_BATCH):
+        batch = range(start, min(first + count, start + ACTIVITY_CONNECT_BATCH))
+        opened += await asyncio.gather(
+            *(
+                asyncpg.connect(
+                    dsn, server_settings={"application_name": f"app-{i % ACTIVITY_APPLICATIONS}"}
+                )
+                for i in batch
+            )
+        )
+    return opened
+
+
+async def _activity_cost(dsn: str, watcher_dsn: str, connections: int, runs: int) -> dict[str, Any]:
+    probe = DatabaseProbe(watcher_dsn)
+    opened: list[asyncpg.Connection] = []
+    try:
+        opened += await _open_idle(dsn, 10, 0)
+        few, few_rows = await _time_activity(probe, runs)
+        started = time.monotonic()
+        opened += await _open_idle(dsn, connections - 10, 10)
+        open_s = time.monotonic() - started
+        many, many_rows = await _time_activity(probe, runs)
+    finally:
+        await asyncio.gather(*(c.close() for c in opened), return_exceptions=True)
+        await probe.close()
+    return {
+        "few": {"connections": 10, "rows": few_rows, **summary(few)},
+        "many": {"connections": connections, "rows": many_rows, **summary(many)},
+        "open_connections_s": round(open_s, 1),
+    }
+
+
+def measure_activity(connections: int, runs: int) -> dict[str, Any]:
+    """The activity query's cost with 10 and with `connections` idle clients open, on one
+    server sized for the larger count (pg_stat_activity scans every backend slot, used
+    or not, so both figures are taken at the same max_connections), read by a pg_monitor
+    role as the README recommends."""
+    settings = {"max_connections": str(connections + 20)}
+    with PostgresServer(major=16, settings=settings) as server:
+        dsn = server.create_role("app", "bench-app-pw", database="shop")
+        server.create_role("watcher", "bench-watcher-pw")
+        watcher_dsn = server.dsn("watcher", "bench-watcher-pw", "shop")
+        server.sql("GRANT pg_monitor TO watcher")
+        result = asyncio.run(_activity_cost(dsn, watcher_dsn, connections, runs))
+        result["server"] = server.sql("SHOW server_version").split(" ")[0]
+        result["max_connections"] = int(settings["max_connections"])
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.bench")
     parser.add_argument("--changes", type=int, default=50)
@@ -378,8 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deployments", type=int, default=1000)
     parser.add_argument("--noop-rounds", type=int, default=20)
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--activity-connections", type=int, default=1000)
+    parser.add_argument("--activity-runs", type=int, default=50)
     parser.add_argument(
-        "--parts", default="latency,noop,floor,scale", help="comma-separated subset"
+        "--parts", default="latency,noop,floor,scale,activity", help="comma-separated subset"
     )
     parser.add_argument(
         "--floor-agent", nargs=2, metavar=("KUBECONFIG", "NAMESPACE"), help=argparse.SUPPRESS
@@ -389,16 +468,30 @@ def main(argv: list[str] | None = None) -> int:
         floor_agent(*args.floor_agent)
         return 0
 
+    parts = set(args.parts.split(","))
+    if unknown := parts - CLUSTER_PARTS - {"activity"}:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    results: dict[str, Any] = {"machine": {"cpus": len(os.sched_getaffinity(0))}}
+    if parts & CLUSTER_PARTS:
+        measure_on_cluster(args, parts, results)
+    if "activity" in parts:
+        print(f"activity query: 10 and {args.activity_connections} connections ...", flush=True)
+        results["activity"] = measure_activity(args.activity_connections, args.activity_runs)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+def measure_on_cluster(args: argparse.Namespace, parts: set[str], results: dict[str, Any]) -> None:
     state = Path(tempfile.mkdtemp(prefix="poolbudget-bench-"))
     state.chmod(0o755)
-    results: dict[str, Any] = {"machine": {"cpus": len(os.sched_getaffinity(0))}}
     with LocalCluster(state / "cluster", binaries=find_binaries(build=True)) as cluster:
         cluster.kubectl("apply", "-f", str(REPO / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "crd/poolbudgets.poolbudget.dev")
         client = Client(config=KubeConfig.from_file(str(cluster.kubeconfig)))
         operator = OperatorProcess(kubeconfig=cluster.kubeconfig, log_path=state / "operator.log")
         operator.start()
-        parts = set(args.parts.split(","))
         try:
             if "latency" in parts:
                 print("reaction latency ...", flush=True)
@@ -417,10 +510,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             results["scale"] = measure_scale(cluster, state, args.budgets, args.deployments)
         client.close()
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
-    print(f"\nJSON: {args.json}")
-    return 0
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -430,6 +519,8 @@ def print_table(results: dict[str, Any]) -> None:
         print_noop(results)
     if "scale" in results:
         print_scale(results)
+    if "activity" in results:
+        print_activity(results)
 
 
 def print_latency(results: dict[str, Any]) -> None:
@@ -468,6 +559,20 @@ def print_scale(results: dict[str, Any]) -> None:
             f"{k} {v:.0f}" for k, v in sorted(s.get("api_writes_by_kind", {}).items())
         )
         print(f"  {'':14} writes by kind: {kinds or 'none'}")
+
+
+def print_activity(results: dict[str, Any]) -> None:
+    activity = results["activity"]
+    print(f"\nactivity query (one pg_stat_activity read, pg_monitor role, PostgreSQL {activity['server']}, "
+          f"max_connections {activity['max_connections']})")  # fmt: skip
+    print(
+        f"  {'idle connections open':24} {'rows':>5} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+    )
+    for s in (activity["few"], activity["many"]):
+        print(
+            f"  {s['connections']:<24} {s['rows']:>5} {s['n']:>4} {s['p50_ms']:>8} {s['p95_ms']:>8} {s['p99_ms']:>8}"
+        )
+    print(f"  (opening the extra connections took {activity['open_connections_s']} s)")
 
 
 if __name__ == "__main__":
