@@ -164,7 +164,10 @@ def test_each_threshold_raises_its_signal_with_a_message_a_person_can_act_on() -
     assert "not reading their ConfigMap" in over.message
     assert "88 of 100 usable connections in use" in by_kind[SignalKind.NEAR_CAPACITY].message
     assert "60 of them belong to no target" in by_kind[SignalKind.NEAR_CAPACITY].message
-    assert "3 sessions are waiting on a lock" in by_kind[SignalKind.LOCK_WAITS].message
+    assert (
+        "3 sessions are waiting on a lock (threshold 3), by application: jobs 3"
+        in by_kind[SignalKind.LOCK_WAITS].message
+    )
     stale = by_kind[SignalKind.STALE_TRANSACTIONS]
     assert stale.subject == "jobs"
     assert "2 sessions of jobs" in stale.message

@@ -239,6 +239,9 @@ class SignalSettings(Frozen):
 
     near_capacity_ratio: float = Field(default=0.85, gt=0, le=1)
     lock_waits: int = Field(default=3, ge=1)
+    # The same 5 s as the default DB_IDLE_IN_TRANSACTION_SESSION_TIMEOUT_MS: PostgreSQL ends
+    # such sessions of a target that applies its ConfigMap at about this age, so with both
+    # defaults the signal mostly names clients that do not (unbudgeted ones, old pods).
     stale_transaction_seconds: float = Field(default=5.0, ge=0)
     # A raised capacity signal stays until in use is below (ratio - margin) x usable ...
     near_capacity_clear_margin: float = Field(default=0.05, ge=0, lt=1)
@@ -321,13 +324,15 @@ def current_breaches(usage: BudgetUsage, settings: SignalSettings) -> list[Signa
             for a in (*usage.targets, *usage.unbudgeted)
             if a.live.lock_waits
         ]
+        if usage.operator.lock_waits:
+            waiting.append(f"{OPERATOR_APPLICATION_NAME} {usage.operator.lock_waits}")
         breaches.append(
             Signal(
                 kind=SignalKind.LOCK_WAITS,
                 subject="",
                 message=(
                     f"{usage.lock_waits} sessions are waiting on a lock "
-                    f"(threshold {settings.lock_waits}): {', '.join(waiting) or 'operator'}"
+                    f"(threshold {settings.lock_waits}), by application: {', '.join(waiting)}"
                 ),
             )
         )
