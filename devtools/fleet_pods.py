@@ -47,7 +47,7 @@ from devtools.images import Builder as ImageBuilder
 from devtools.localcluster import LocalCluster, find_binaries
 from devtools.node import POD_NETWORK
 from devtools.operator_process import OperatorProcess, wait_for
-from devtools.pgserver import PostgresServer
+from devtools.pgserver import PostgresServer, quote_literal
 from devtools.plots import plot_connections
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,8 +272,9 @@ def _prove(
 
             for name in scale.deployments:
                 cluster.kubectl("-n", budgeted_ns, "scale", "deployment", name, "--replicas=0")
-            wait_for(lambda: sum(apps.live_connections(server, list(scale.deployments)).values()) == 0,
-                     timeout=120, what="the budgeted pods gone")  # fmt: skip
+            wait_for(lambda: not budgeted.get("pods")["items"], timeout=120,
+                     what="the budgeted pods gone")  # fmt: skip
+            _wait_for_their_backends(server, list(scale.deployments), say)
 
             naive = Fleet(cluster, naive_ns, scale)
             say(f"naive fleet ({NAIVE_POOL_SIZE}+{NAIVE_MAX_OVERFLOW} per worker) in {naive_ns}")
@@ -307,6 +308,30 @@ def _prove(
         budgeted=budgeted_run,
         naive=naive_run,
     )
+
+
+def _wait_for_their_backends(server: PostgresServer, applications: list[str], say: Any) -> None:
+    """Once the pods are gone their backends end too, normally at once. One CI run kept
+    some for minutes after every pod had gone (no FIN reached the server): the server's
+    TCP keepalives end those (pgserver.py). If any are still there after 30 s, show them
+    and end them, so the naive burst starts from none."""
+    names = ", ".join(quote_literal(a) for a in applications)
+    where = "backend_type = 'client backend' AND application_name IN "
+    where += f"({names})"  # quoted literals
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not sum(apps.live_connections(server, applications).values()):
+            return
+        time.sleep(0.5)
+    show = "SELECT application_name, client_addr, state, backend_start, state_change "
+    show += "FROM pg_stat_activity WHERE "
+    rows = server.sql(show + where)
+    print(f"backends left 30 s after their pods had gone:\n{rows}", flush=True)
+    say(f"ending {len(rows.splitlines())} backends whose pods are gone")
+    end = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+    server.sql(end + where)
+    wait_for(lambda: not sum(apps.live_connections(server, applications).values()),
+             timeout=30, what="the budgeted pods' backends ended")  # fmt: skip
 
 
 def _ready(fleet: Fleet) -> bool:

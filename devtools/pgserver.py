@@ -378,6 +378,12 @@ class PostgresServer:
             "fsync": "off",  # throwaway test data: speed over durability
             "shared_buffers": "16MB",
         }
+        if self.pod_access is not None:
+            # A pod's connection can end without a FIN reaching the server (its network
+            # namespace torn down with the pod): without keepalives the backend would wait
+            # for the kernel's default 2 hours. Probe idle peers after 5 s, give up after 3 s.
+            base |= {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "1",
+                     "tcp_keepalives_count": "3"}  # fmt: skip
         # Every value quoted: postgresql.conf accepts quotes around numbers too.
         lines = [f"{k} = {quote_literal(str(v))}" for k, v in {**base, **self.settings}.items()]
         conf = self.data_dir / "postgresql.auto.conf"
