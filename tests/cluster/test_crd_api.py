@@ -223,8 +223,26 @@ STATUS: dict[str, Any] = {
             "restartedTime": "2026-11-24T12:00:00Z",
             "state": "Applied",
             "message": "settings applied",
+            "liveConnections": {
+                "applicationName": "api",
+                "active": 3,
+                "idle": 40,
+                "idleInTransaction": 1,
+                "unknown": 0,
+                "total": 44,
+            },
         }
     ],
+    "activity": {
+        "connectionsInUse": 57,
+        "unbudgetedConnections": 12,
+        "unbudgetedClients": [{"applicationName": "psql", "connections": 12}],
+        "operatorConnections": 1,
+        "lockWaits": 0,
+        "staleTransactions": 0,
+        "visibility": "Full",
+        "observedTime": "2026-11-24T12:00:00Z",
+    },
     "peakConnections": 180,
     "usableConnections": 187,
     "headroom": 7,
@@ -243,6 +261,7 @@ STATUS: dict[str, Any] = {
             ("DatabaseObserved", "Probed"),
             ("BudgetFeasible", "Feasible"),
             ("RolloutComplete", "RolloutComplete"),
+            ("DatabaseHealthy", "WithinThresholds"),
         )
     ],
 }
@@ -317,8 +336,10 @@ def test_kubectl_get_shows_the_printer_columns(cluster: LocalCluster, kube_names
         "-n", kube_namespace, "get", "pbud", "-o", "wide"
     ).stdout.splitlines()
 
-    assert header.split() == ["NAME", "MAX", "USABLE", "PEAK", "HEADROOM", "READY", "AGE"]
-    assert row.split()[:6] == ["shop-db", "200", "187", "180", "7", "True"]
-    assert wide_header.split()[7:] == ["FEASIBLE", "REASON", "SHARE", "DB", "VERSION"]
+    assert header.split() == [
+        "NAME", "MAX", "USABLE", "PEAK", "HEADROOM", "LIVE", "READY", "AGE"
+    ]  # fmt: skip
+    assert row.split()[:7] == ["shop-db", "200", "187", "180", "7", "57", "True"]
+    assert wide_header.split()[8:] == ["FEASIBLE", "REASON", "SHARE", "DB", "VERSION"]
     # shareBy is not in the applied spec: the API server's default shows.
-    assert wide_row.split()[7:] == ["True", "BudgetApplied", "Worker", "16.4"]
+    assert wide_row.split()[8:] == ["True", "BudgetApplied", "Worker", "16.4"]

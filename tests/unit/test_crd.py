@@ -641,6 +641,7 @@ def test_printer_columns(root: Schema, version: dict[str, Any]) -> None:
         ("Usable", ".status.usableConnections"),
         ("Peak", ".status.peakConnections"),
         ("Headroom", ".status.headroom"),
+        ("Live", ".status.activity.connectionsInUse"),
         ("Ready", '.status.conditions[?(@.type=="Ready")].status'),
         ("Age", ".metadata.creationTimestamp"),
     ]

@@ -227,16 +227,18 @@ def _condition_schema() -> dict[str, Any]:
         "required": ["type", "status", "reason", "message", "lastTransitionTime"],
         "properties": {
             "type": _string(
-                "Ready (all the others are True), DatabaseObserved (the limits could be read), "
-                "BudgetFeasible (the plan fits the usable connections) or RolloutComplete "
-                "(every target runs its current settings).",
+                "Ready (DatabaseObserved, BudgetFeasible and RolloutComplete are True), "
+                "DatabaseObserved (the limits could be read), BudgetFeasible (the plan fits "
+                "the usable connections), RolloutComplete (every target runs its current "
+                "settings) or DatabaseHealthy (spec.database.watch: no starvation signal is "
+                "raised; it reports and does not count toward Ready).",
                 maxLength=316,
                 pattern=CONDITION_TYPE_PATTERN,
             ),
             "status": _string("True, False or Unknown.", enum=["True", "False", "Unknown"]),
             "reason": _string(
                 "CamelCase reason for the status, for tools and alerts (for example "
-                "BudgetInfeasible, AuthenticationFailed, RolloutPending).",
+                "BudgetInfeasible, AuthenticationFailed, RolloutPending, OverAllocation).",
                 minLength=1,
                 maxLength=1024,
                 pattern=CONDITION_REASON_PATTERN,
@@ -255,8 +257,84 @@ def _condition_schema() -> dict[str, Any]:
     }
 
 
+def _live_connections_schema() -> dict[str, Any]:
+    def count(description: str) -> dict[str, Any]:
+        return {**_integer(description), "minimum": 0}
+
+    return {
+        "type": "object",
+        "description": (
+            "The target's connections open at the last refresh (spec.database.watch), by "
+            "pg_stat_activity state, to compare with peakConnections. Targets that share an "
+            "application_name cannot be told apart: each shows their sum."
+        ),
+        "properties": {
+            "applicationName": _string("The application_name the connections carry."),
+            "active": count("Running a query."),
+            "idle": count("Idle in the pool."),
+            "idleInTransaction": count("Idle inside an open transaction."),
+            "unknown": count(
+                "State hidden from the operator's role (another role's session without pg_monitor)."
+            ),
+            "total": count("All of them: what counts against peakConnections."),
+        },
+    }
+
+
+def _activity_schema() -> dict[str, Any]:
+    def count(description: str) -> dict[str, Any]:
+        return {**_integer(description), "minimum": 0}
+
+    return {
+        "type": "object",
+        "description": (
+            "The database's client connections at the last refresh (spec.database.watch): "
+            "every database of the server, since max_connections is one limit for all."
+        ),
+        "properties": {
+            "connectionsInUse": count(
+                "Client connections open on the server, this budget's or not: compare with "
+                "usableConnections."
+            ),
+            "unbudgetedConnections": count(
+                "Client connections whose application_name belongs to no target of this "
+                "budget (nor the operator): admin sessions, cron jobs, other budgets' targets."
+            ),
+            "unbudgetedClients": {
+                "type": "array",
+                "description": "The largest unbudgeted clients (at most 5), by application_name.",
+                "maxItems": 5,
+                "items": {
+                    "type": "object",
+                    "description": "One application_name and its connections.",
+                    "properties": {
+                        "applicationName": _string("application_name; empty if none was set."),
+                        "connections": count("Its connections."),
+                    },
+                },
+            },
+            "operatorConnections": count(
+                "The operator's own connections (application_name poolbudget-operator)."
+            ),
+            "lockWaits": count("Sessions waiting on a lock."),
+            "staleTransactions": count(
+                "Sessions idle in transaction for longer than "
+                "spec.database.watch.idleInTransactionWarningSeconds."
+            ),
+            "visibility": _string(
+                "Full: the role sees every session's state (pg_monitor). Partial: other "
+                "roles' sessions are counted but their state, lock waits and stale "
+                "transactions are hidden; grant pg_monitor to see them.",
+                enum=["Full", "Partial"],
+            ),
+            "observedTime": _string("When pg_stat_activity was read.", format="date-time"),
+        },
+    }
+
+
 def status_schema() -> dict[str, Any]:
     """What the operator reports; observation only, written through /status."""
+    live_connections = _live_connections_schema()
     allocation = {
         "type": "object",
         "description": (
@@ -299,6 +377,7 @@ def status_schema() -> dict[str, Any]:
                 enum=list(ALLOCATION_STATES),
             ),
             "message": _string("Why the target is in this state, for humans."),
+            "liveConnections": live_connections,
         },
     }
     database = {
@@ -342,6 +421,7 @@ def status_schema() -> dict[str, Any]:
                 "format": "int64",
             },
             "database": database,
+            "activity": _activity_schema(),
             "allocations": {
                 "type": "array",
                 "description": "One entry per target, keyed by deploymentName.",
@@ -369,8 +449,10 @@ def status_schema() -> dict[str, Any]:
             "conditions": {
                 "type": "array",
                 "description": (
-                    "Ready, DatabaseObserved, BudgetFeasible and RolloutComplete, keyed by type; "
-                    "Ready is True only when the other three are."
+                    "Ready, DatabaseObserved, BudgetFeasible, RolloutComplete and "
+                    "DatabaseHealthy, keyed by type. Ready is True only when DatabaseObserved, "
+                    "BudgetFeasible and RolloutComplete are: it says the plan is applied. "
+                    "DatabaseHealthy reports what the watch sees and never makes Ready False."
                 ),
                 "items": _condition_schema(),
                 "x-kubernetes-list-type": "map",
@@ -395,7 +477,7 @@ def _condition_column(
 
 
 def printer_columns() -> list[dict[str, Any]]:
-    """`kubectl get pbud`: limit, usable, peak, headroom, Ready, age; more under -o wide
+    """`kubectl get pbud`: limit, usable, peak, headroom, live use, Ready, age; more under -o wide
     (feasibility, reason, how the budget is shared, server version)."""
 
     def integer(name: str, path: str, description: str) -> dict[str, Any]:
@@ -406,6 +488,11 @@ def printer_columns() -> list[dict[str, Any]]:
         integer("Usable", ".status.usableConnections", "connections the budget may hand out"),
         integer("Peak", ".status.peakConnections", "worst-case connections of the plan"),
         integer("Headroom", ".status.headroom", "usable minus peak"),
+        integer(
+            "Live",
+            ".status.activity.connectionsInUse",
+            "client connections open on the server at the last refresh",
+        ),
         _condition_column("Ready", "Ready", "status", "the Ready condition"),
         {
             "name": "Age",

@@ -110,6 +110,60 @@ class SecretKeyRef(CamelModel):
     )
 
 
+CAPACITY_RATIO_MESSAGE = "capacityWarningRatio must be between 0.1 and 1"
+
+
+class DatabaseWatch(CamelModel):
+    """What the operator watches in pg_stat_activity on each refresh, and when it warns."""
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Read pg_stat_activity on every refresh (one grouped query on the operator's kept "
+            "connection): live connections by state per target and for the whole server, "
+            "clients that belong to no target, and the four signals below, reported in "
+            "status, the DatabaseHealthy condition, events and metrics. Needs "
+            "connectionSecretRef; pg_monitor shows everything, a plain role sees other roles' "
+            "sessions without their state."
+        ),
+    )
+    capacity_warning_ratio: float = Field(
+        default=0.85,
+        ge=0.1,
+        le=1,
+        description=(
+            "Warn (NearCapacity) when the client connections open on the server reach this "
+            "share of the budget's usable connections; the warning clears once they stay "
+            "5 points below it for three refreshes."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                # An integer 0 would pass `minimum: 0.1` (compared truncated): CEL compares numbers.
+                {"rule": "self >= 0.1 && self <= 1.0", "message": CAPACITY_RATIO_MESSAGE}
+            ]
+        },
+    )
+    lock_waits_warning: int = Field(
+        default=3,
+        ge=1,
+        le=100000,
+        description=(
+            "Warn (LockWaits) when at least this many sessions wait on a lock at a refresh "
+            "(needs pg_monitor to see other roles' sessions)."
+        ),
+    )
+    idle_in_transaction_warning_seconds: int = Field(
+        default=5,
+        ge=1,
+        le=86400,
+        description=(
+            "Warn (StaleTransactions, naming the application) when a session has been idle "
+            "in transaction for longer than this: a transaction left open holds its "
+            "connection and its locks (needs pg_monitor to see other roles' sessions)."
+        ),
+    )
+
+
 class DatabaseSpec(CamelModel):
     """Where the connection limit comes from and how often it is re-read."""
 
@@ -148,7 +202,17 @@ class DatabaseSpec(CamelModel):
         default=60,
         ge=5,
         le=86400,
-        description="How often the database's limits are re-read, in seconds.",
+        description=(
+            "How often the database's limits (and, with watch enabled, its live "
+            "connections) are re-read, in seconds."
+        ),
+    )
+    watch: DatabaseWatch = Field(
+        default=DatabaseWatch(),
+        description=(
+            "Live connections and starvation signals read on each refresh. They never change "
+            "the plan, the ConfigMaps or Ready: they report."
+        ),
     )
 
     @model_validator(mode="after")

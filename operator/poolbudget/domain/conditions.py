@@ -15,6 +15,8 @@ class ConditionType(StrEnum):
     DATABASE_OBSERVED = "DatabaseObserved"
     BUDGET_FEASIBLE = "BudgetFeasible"
     ROLLOUT_COMPLETE = "RolloutComplete"
+    # Reports the database watch (spec.database.watch); never part of Ready.
+    DATABASE_HEALTHY = "DatabaseHealthy"
 
 
 CONDITION_ORDER = (
@@ -22,6 +24,7 @@ CONDITION_ORDER = (
     ConditionType.DATABASE_OBSERVED,
     ConditionType.BUDGET_FEASIBLE,
     ConditionType.ROLLOUT_COMPLETE,
+    ConditionType.DATABASE_HEALTHY,
 )
 
 
@@ -73,9 +76,10 @@ def merge_conditions(
 
 
 def summarize_ready(observations: Sequence[Observation]) -> Observation:
-    """Ready is True only when every other condition is; otherwise the first failure says why."""
+    """Ready is True only when every other condition is; otherwise the first failure says why.
+    DatabaseHealthy is not one of them: it reports the database's load, not the plan."""
     for observation in observations:
-        if observation.type is ConditionType.READY:
+        if observation.type in (ConditionType.READY, ConditionType.DATABASE_HEALTHY):
             continue
         if observation.status is not True:
             return Observation(
