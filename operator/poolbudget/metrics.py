@@ -75,6 +75,31 @@ WATCHED_OBJECTS = Gauge(
 )
 FEASIBLE = Gauge("poolbudget_budget_feasible", "1 if the budget fits, 0 if not.", BUDGET)
 
+# The database watch (spec.database.watch), set on each refresh. `state` is one of
+# active, idle, idle_in_transaction, unknown; `signal` one of the four SignalKinds: the
+# label sets stay bounded by the budget's targets.
+ACTIVITY_READS = Counter(
+    "poolbudget_activity_reads_total",
+    "Reads of pg_stat_activity (one per refresh), by result.",
+    [*BUDGET, "result"],
+)
+TARGET_LIVE = Gauge(
+    "poolbudget_target_live_connections",
+    "Live connections of one target (its application_name) by state at the last refresh.",
+    [*TARGET, "state"],
+)
+UNBUDGETED = Gauge(
+    "poolbudget_unbudgeted_connections",
+    "Client connections on the server that belong to no target of the budget (nor the operator).",
+    BUDGET,
+)
+SIGNALS = Gauge(
+    "poolbudget_signals_raised",
+    "Raised database-watch signals by kind (OverAllocation counts Deployments, "
+    "StaleTransactions applications; the others are 0 or 1).",
+    [*BUDGET, "signal"],
+)
+
 
 def forget_budget(namespace: str, name: str) -> None:
     """Drop a deleted budget's series so dashboards do not show ghosts."""
@@ -86,6 +111,15 @@ def forget_budget(namespace: str, name: str) -> None:
         for labels in list(target_gauge._metrics):  # prometheus_client keeps label tuples here
             if labels[:2] == (namespace, name):
                 target_gauge.remove(*labels)
+    forget_watch(namespace, name)
+
+
+def forget_watch(namespace: str, name: str) -> None:
+    """Drop a budget's database-watch series (deleted, or its watch turned off)."""
+    for gauge in (UNBUDGETED, SIGNALS, TARGET_LIVE):
+        for labels in list(gauge._metrics):
+            if labels[:2] == (namespace, name):
+                gauge.remove(*labels)
 
 
 def _has(gauge: Gauge, namespace: str, name: str) -> bool:

@@ -33,6 +33,15 @@ from poolbudget.api.v1alpha1 import (
     Target,
     describe_validation_error,
 )
+from poolbudget.domain.activity import (
+    BudgetUsage,
+    DatabaseActivity,
+    SignalKind,
+    SignalState,
+    budget_usage,
+    evaluate_signals,
+    target_allocations,
+)
 from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.conditions import (
     ConditionType,
@@ -67,6 +76,13 @@ from poolbudget.domain.rollout import (
     plan_rollout,
 )
 from poolbudget.domain.sizing import BudgetPlan, Verdict, plan_budget
+from poolbudget.domain.watch import (
+    activity_status,
+    cleared_message,
+    health_observation,
+    signal_settings,
+    target_live,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +131,7 @@ class DatabaseProber(Protocol):
     """One long-lived probe per DSN: reuses its connection across reconciles."""
 
     async def probe(self) -> DatabaseFacts: ...
+    async def activity(self, stale_after_seconds: float) -> DatabaseActivity: ...
     async def close(self) -> None: ...
 
 
@@ -155,6 +172,14 @@ class BudgetMemory:
     # wanted: a template that loses it while the settings stay the same was written by
     # someone else.
     template_hash_seen: dict[str, str] = field(default_factory=dict)
+    # The database watch. A pg_stat_activity reading taken with the limits waits here until
+    # a plan is there to judge it, and is judged once: each refresh is one observation for
+    # the signals' hysteresis, however often the budget is reconciled in between.
+    activity: DatabaseActivity | None = None
+    activity_error: str | None = None  # the last read failed (redacted, like probe errors)
+    signals: SignalState = field(default_factory=SignalState)
+    usage: BudgetUsage | None = None  # the last reading judged, shown until the next one
+    usage_time: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -515,8 +540,23 @@ class Reconciler:
                 reason="DeploymentNotFound",
                 message=f"Deployment(s) not found: {', '.join(missing)}",
             )
-        status = self._status_with(previous, budget, now, [ready, *observations])
+        health = await self._watch(ref, spec, plan, memory, labels, now)
+        status = self._status_with(
+            previous, budget, now, [ready, *observations, *([health] if health else [])]
+        )
         status["database"] = self._database_status(database, plan, now)
+        if health is None:
+            status["conditions"] = [
+                c for c in status["conditions"] if c["type"] != ConditionType.DATABASE_HEALTHY.value
+            ]
+        if health is None or memory.usage is None or memory.usage_time is None:
+            status.pop("activity", None)
+        else:
+            status["activity"] = activity_status(memory.usage, memory.usage_time)
+            live = target_live(memory.usage)
+            for entry in allocations:
+                if entry["deploymentName"] in live:
+                    entry["liveConnections"] = live[entry["deploymentName"]]
         status["allocations"] = allocations
         status["peakConnections"] = plan.peak_connections
         status["usableConnections"] = plan.usable_connections
@@ -579,10 +619,75 @@ class Reconciler:
                 raise _database_failure(exc) from None
             memory.database_read_at = self.monotonic()
             metrics.DATABASE_PROBES.labels(**labels, result="ok").inc()
+            if spec.database.watch.enabled:
+                await self._read_activity(spec, memory, labels)
         assert memory.database is not None
         if override is not None:
             return memory.database.model_copy(update={"max_connections": override})
         return memory.database
+
+    @staticmethod
+    async def _read_activity(
+        spec: PoolBudgetSpec, memory: BudgetMemory, labels: Mapping[str, str]
+    ) -> None:
+        """The watch's reading, on the connection the limits were just read on. A failure
+        is reported, never raised: the limits are good, so the plan and the ConfigMaps go
+        on as usual, and the signals stand as they were (a failed read is no clean one)."""
+        assert memory.prober is not None
+        stale_after = float(spec.database.watch.idle_in_transaction_warning_seconds)
+        try:
+            memory.activity = await memory.prober.activity(stale_after)
+        except Exception as exc:
+            metrics.ACTIVITY_READS.labels(**labels, result="error").inc()
+            memory.activity = None
+            memory.activity_error = _activity_failure(exc)
+            logger.warning(
+                "%s/%s: reading pg_stat_activity failed: %s",
+                labels["namespace"],
+                labels["poolbudget"],
+                memory.activity_error,
+            )
+            return
+        metrics.ACTIVITY_READS.labels(**labels, result="ok").inc()
+        memory.activity_error = None
+
+    async def _watch(
+        self,
+        ref: BudgetEventRef,
+        spec: PoolBudgetSpec,
+        plan: BudgetPlan,
+        memory: BudgetMemory,
+        labels: Mapping[str, str],
+        now: datetime,
+    ) -> Observation | None:
+        """Judge a new reading (once), post an event per signal raised or cleared, and
+        return DatabaseHealthy (None: nothing is watched)."""
+        watch = spec.database.watch
+        if not watch.enabled or spec.database.connection_secret_ref is None:
+            if memory.usage is not None or memory.signals.raised:
+                metrics.forget_watch(labels["namespace"], labels["poolbudget"])
+            memory.activity = memory.usage = memory.usage_time = memory.activity_error = None
+            memory.signals = SignalState()
+            return None
+        settings = signal_settings(watch)
+        if memory.activity is not None:
+            usage = budget_usage(
+                memory.activity, target_allocations(spec, plan), plan.usable_connections
+            )
+            evaluation = evaluate_signals(usage, memory.signals, settings)
+            memory.activity = None
+            memory.usage, memory.usage_time, memory.signals = usage, now, evaluation.state
+            for signal in evaluation.raised_now:
+                await self.kube.post_event(ref, "Warning", signal.kind.value, signal.message)
+            for signal in evaluation.cleared_now:
+                await self.kube.post_event(
+                    ref,
+                    "Normal",
+                    f"{signal.kind.value}Cleared",
+                    cleared_message(signal, settings),
+                )
+            self._publish_watch_metrics(labels, usage, evaluation.state)
+        return health_observation(memory.usage, memory.signals, memory.activity_error)
 
     def _seconds_until_database_refresh(self, spec: PoolBudgetSpec, memory: BudgetMemory) -> float:
         refresh = float(spec.database.refresh_seconds)
@@ -644,7 +749,14 @@ class Reconciler:
         """Previous status with these conditions merged in (and Ready recomputed if absent)."""
         status = {k: v for k, v in previous.items() if k != "conditions"}
         if not any(o.type is ConditionType.READY for o in observations):
-            failing = next((o for o in observations if o.status is not True), None)
+            failing = next(
+                (
+                    o
+                    for o in observations
+                    if o.status is not True and o.type is not ConditionType.DATABASE_HEALTHY
+                ),
+                None,
+            )
             if failing is not None:
                 observations = [
                     Observation(
@@ -774,6 +886,25 @@ class Reconciler:
         del spec
 
     @staticmethod
+    def _publish_watch_metrics(
+        labels: Mapping[str, str], usage: BudgetUsage, state: SignalState
+    ) -> None:
+        metrics.UNBUDGETED.labels(**labels).set(usage.unbudgeted_connections)
+        for application in usage.targets:
+            for name in application.deployment_names:
+                live = application.live
+                for label, value in (
+                    ("active", live.active),
+                    ("idle", live.idle),
+                    ("idle_in_transaction", live.idle_in_transaction),
+                    ("unknown", live.unknown),
+                ):
+                    metrics.TARGET_LIVE.labels(**labels, deployment=name, state=label).set(value)
+        for kind in SignalKind:
+            raised = sum(1 for signal in state.raised if signal.kind is kind)
+            metrics.SIGNALS.labels(**labels, signal=kind.value).set(raised)
+
+    @staticmethod
     def _publish_plan_metrics(
         labels: Mapping[str, str], plan: BudgetPlan, owned: Sequence[Target]
     ) -> None:
@@ -820,6 +951,10 @@ def _comparable(status: Mapping[str, Any]) -> dict[str, Any]:
     for key in VOLATILE_DATABASE_FIELDS:
         database.pop(key, None)
     comparable["database"] = database
+    if isinstance(comparable.get("activity"), Mapping):
+        comparable["activity"] = {
+            k: v for k, v in comparable["activity"].items() if k != "observedTime"
+        }
     return comparable
 
 
@@ -889,6 +1024,14 @@ def _parse_time(value: Any) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def _activity_failure(exc: BaseException) -> str:
+    """What to say about a failed pg_stat_activity read: the adapter's errors are redacted
+    (user@host:port/database, never the password); anything else by its class only."""
+    if any(cls.__name__ == "DatabaseProbeError" for cls in type(exc).__mro__):
+        return str(exc)
+    return f"{type(exc).__name__}"
 
 
 def _database_failure(exc: BaseException) -> DatabaseFailure:

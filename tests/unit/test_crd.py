@@ -38,11 +38,12 @@ from poolbudget.api.v1alpha1 import (
     Target,
     describe_validation_error,
 )
+from poolbudget.domain.activity import SessionState
 from poolbudget.domain.conditions import ConditionType
 from poolbudget.domain.rendering import application_name, render_env
 from poolbudget.domain.rollout import TargetPhase
 from poolbudget.domain.sizing import Allocation, Verdict
-from tests.unit.test_reconcile import DSN, FakeConfigMap, FakeProber, World
+from tests.unit.test_reconcile import DSN, FakeConfigMap, FakeProber, World, activity
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "poolbudget.dev_poolbudgets.yaml"
@@ -544,6 +545,20 @@ async def _feasible_and_rolled_out(world: World) -> None:
     await world.reconcile()
 
 
+async def _watch_signals_raised(world: World) -> None:
+    world.probers.append(FakeProber(DSN))
+    world.probers[-1].activity_result = activity(
+        ("api", SessionState.UNKNOWN, 150),
+        ("api", SessionState.IDLE_IN_TRANSACTION, 40),
+        *((f"client-{i}", SessionState.IDLE, 1 + i) for i in range(8)),
+        ("", SessionState.ACTIVE, 1),
+        stale=3,
+    )
+    await world.reconcile()
+    await world.reconcile()
+    assert world.condition("DatabaseHealthy")["reason"] == "OverAllocation"
+
+
 async def _database_auth_failure(world: World) -> None:
     world.probers.append(FakeProber(DSN, result=DatabaseAuthError("authentication failed")))
     await world.reconcile()
@@ -575,6 +590,7 @@ async def _configmap_owned_by_someone_else(world: World) -> None:
 # scenario -> (what it does, the Ready reason it must end with, the allocation states)
 SCENARIOS = {
     "feasible": (_feasible_and_rolled_out, "BudgetApplied", ["Applied"]),
+    "watch-signals": (_watch_signals_raised, "BudgetApplied", ["Applied"]),
     "database-auth-failure": (_database_auth_failure, "AuthenticationFailed", []),
     "missing-secret": (_missing_secret, "SecretNotFound", []),
     "infeasible": (_infeasible, "BudgetInfeasible", ["Rolling"]),

@@ -15,6 +15,7 @@ import pytest
 
 from poolbudget.adapters.kube import NotFoundError
 from poolbudget.adapters.postgres import DatabaseAuthError
+from poolbudget.domain.activity import ActivityRow, DatabaseActivity, SessionState
 from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.facts import DatabaseFacts
 from poolbudget.domain.observe import DeploymentState
@@ -73,6 +74,24 @@ class FakeKube:
         self.events.append((type_, reason, message))
 
 
+def activity(*rows: tuple[str, SessionState, int], stale: int = 0) -> DatabaseActivity:
+    """A pg_stat_activity reading: (application_name, state, connections) per row; `stale`
+    of the first idle-in-transaction row's sessions are older than the threshold."""
+    built = []
+    for name, state, connections in rows:
+        stale_here = stale if state is SessionState.IDLE_IN_TRANSACTION else 0
+        stale = 0 if stale_here else stale
+        built.append(
+            ActivityRow(
+                application_name=name,
+                state=state,
+                connections=connections,
+                stale_in_transaction=stale_here,
+            )
+        )
+    return DatabaseActivity(rows=tuple(built), stale_after_seconds=5)
+
+
 @dataclass
 class FakeProber:
     dsn: str
@@ -81,12 +100,23 @@ class FakeProber:
     )
     probes: int = 0
     closed: bool = False
+    # What pg_stat_activity shows (the watch); nothing but the operator by default.
+    activity_result: DatabaseActivity | Exception = field(
+        default_factory=lambda: activity(("poolbudget-operator", SessionState.ACTIVE, 1))
+    )
+    activity_reads: list[float] = field(default_factory=list)  # stale_after_seconds of each
 
     async def probe(self) -> DatabaseFacts:
         self.probes += 1
         if isinstance(self.result, Exception):
             raise self.result
         return self.result
+
+    async def activity(self, stale_after_seconds: float) -> DatabaseActivity:
+        self.activity_reads.append(stale_after_seconds)
+        if isinstance(self.activity_result, Exception):
+            raise self.activity_result
+        return self.activity_result
 
     async def close(self) -> None:
         self.closed = True
@@ -113,6 +143,8 @@ class World:
         prober = FakeProber(dsn)
         if self.probers and isinstance(self.probers[-1].result, Exception):
             prober.result = self.probers[-1].result
+        if self.probers:  # a prober a test prepared: what it would have shown
+            prober.activity_result = self.probers[-1].activity_result
         self.probers.append(prober)
         return prober
 
@@ -384,3 +416,214 @@ def test_status_changes_name_the_fields_and_ignore_volatile_ones() -> None:
     ]
     reordered = {**before, "allocations": list(reversed(allocations))}
     assert status_changes(before, reordered) == ["allocations"]
+
+
+# --- the database watch (spec.database.watch) ---------------------------------------------
+
+OPERATOR_ROW = ("poolbudget-operator", SessionState.ACTIVE, 1)
+
+
+def watched_world() -> World:
+    """api's allocation is 180 (12 workers x (10 + 5)) of 190 usable; a capacity ratio of 1
+    keeps NearCapacity out of the tests that are about one other signal."""
+    world = World()
+    world.spec["database"]["watch"] = {"capacityWarningRatio": 1.0}
+    return world
+
+
+def healthy(world: World) -> dict[str, Any]:
+    return world.condition("DatabaseHealthy")
+
+
+def warnings_and_notices(world: World) -> list[tuple[str, str]]:
+    watch_reasons = ("OverAllocation", "NearCapacity", "LockWaits", "StaleTransactions")
+    return [(e[0], e[1]) for e in world.kube.events if e[1].startswith(watch_reasons)]
+
+
+async def refresh(world: World, reading: DatabaseActivity | Exception) -> None:
+    """One more refresh of the database (limits and pg_stat_activity) with this reading."""
+    world.probers[-1].activity_result = reading
+    world.time += 61
+    await world.reconcile()
+
+
+async def test_the_watch_fills_status_and_metrics_on_each_refresh() -> None:
+    from prometheus_client import REGISTRY
+
+    world = watched_world()
+    world.probers.append(FakeProber(DSN))
+    world.probers[-1].activity_result = activity(
+        ("api", SessionState.ACTIVE, 3),
+        ("api", SessionState.IDLE, 40),
+        ("api", SessionState.IDLE_IN_TRANSACTION, 1),
+        ("psql", SessionState.ACTIVE, 2),
+        ("cron", SessionState.IDLE, 5),
+        ("", SessionState.IDLE, 1),
+        OPERATOR_ROW,
+    )
+    await world.reconcile()
+    assert world.probers[-1].activity_reads == [5.0]  # idleInTransactionWarningSeconds
+    api = world.status["allocations"][0]
+    assert api["peakConnections"] == 180
+    assert api["liveConnections"] == {
+        "applicationName": "api", "active": 3, "idle": 40, "idleInTransaction": 1,
+        "unknown": 0, "total": 44,
+    }  # fmt: skip
+    status = world.status["activity"]
+    assert {k: v for k, v in status.items() if k != "observedTime"} == {
+        "connectionsInUse": 53,
+        "unbudgetedConnections": 8,
+        "unbudgetedClients": [
+            {"applicationName": "cron", "connections": 5},
+            {"applicationName": "psql", "connections": 2},
+            {"applicationName": "", "connections": 1},
+        ],
+        "operatorConnections": 1,
+        "lockWaits": 0,
+        "staleTransactions": 0,
+        "visibility": "Full",
+    }
+    assert healthy(world)["status"] == "True"
+    assert healthy(world)["reason"] == "WithinThresholds"
+    summary = healthy(world)["message"]
+    assert "53 of 190 usable connections in use, 8 of them by clients of no target" in summary
+    budget = {"namespace": "shop", "poolbudget": "shop"}
+    sample = REGISTRY.get_sample_value
+    assert sample("poolbudget_target_live_connections", {**budget, "deployment": "api",
+                                                         "state": "idle"}) == 40  # fmt: skip
+    assert sample("poolbudget_unbudgeted_connections", budget) == 8
+    assert sample("poolbudget_signals_raised", {**budget, "signal": "OverAllocation"}) == 0
+    assert warnings_and_notices(world) == []
+
+
+async def test_a_plain_role_sees_a_partial_view_and_status_says_which_grant() -> None:
+    world = watched_world()
+    world.probers.append(FakeProber(DSN))
+    world.probers[-1].activity_result = activity(("api", SessionState.UNKNOWN, 12), OPERATOR_ROW)
+    await world.reconcile()
+    assert world.status["activity"]["visibility"] == "Partial"
+    assert world.status["allocations"][0]["liveConnections"]["unknown"] == 12
+    message = healthy(world)["message"]
+    assert "grant pg_monitor for states, lock waits and stale transactions" in message
+
+
+async def test_a_raised_signal_warns_once_and_clears_with_one_normal_event() -> None:
+    world = watched_world()
+    await world.reconcile()
+    await world.reconcile()  # rolled out: Ready
+    assert world.condition("Ready")["status"] == "True"
+    leaking = activity(("api", SessionState.IDLE, 185), OPERATOR_ROW)
+
+    await refresh(world, leaking)
+    assert warnings_and_notices(world) == [("Warning", "OverAllocation")]
+    message = world.kube.events[-1][2]
+    assert "Deployment api holds 185 connections" in message
+    assert "5 over its allocation of 180" in message
+    assert healthy(world)["status"] == "False"
+    assert healthy(world)["reason"] == "OverAllocation"
+    assert "Deployment api holds 185 connections" in healthy(world)["message"]
+    assert world.condition("Ready")["status"] == "True"  # the plan is applied all the same
+
+    await world.reconcile()  # woken between refreshes: the reading is not judged again
+    await refresh(world, leaking)  # the same signal at the next refresh: no new event
+    assert warnings_and_notices(world) == [("Warning", "OverAllocation")]
+
+    clean = activity(("api", SessionState.IDLE, 20), OPERATOR_ROW)
+    for _ in range(2):  # raised signals clear after three clean refreshes, not one
+        await refresh(world, clean)
+        await world.reconcile()
+        assert healthy(world)["status"] == "False"
+    assert warnings_and_notices(world) == [("Warning", "OverAllocation")]
+    await refresh(world, clean)
+    assert warnings_and_notices(world) == [
+        ("Warning", "OverAllocation"),
+        ("Normal", "OverAllocationCleared"),
+    ]
+    assert "OverAllocation (api) cleared after 3 clean refreshes" in world.kube.events[-1][2]
+    assert healthy(world)["status"] == "True"
+    assert world.condition("Ready")["status"] == "True"
+
+
+async def test_a_failed_activity_read_keeps_configmaps_and_the_signals_and_is_reported() -> None:
+    from poolbudget.adapters.postgres import DatabaseTimeoutError
+
+    world = watched_world()
+    await world.reconcile()
+    await world.reconcile()
+    await refresh(world, activity(("api", SessionState.IDLE, 185), OPERATOR_ROW))
+    assert healthy(world)["reason"] == "OverAllocation"
+    good = dict(world.kube.configmaps["api-db-pool"].data)
+    world.kube.writes.clear()
+
+    failure = DatabaseTimeoutError("monitor@db:5432/shop did not answer within 5s")
+    for _ in range(4):  # more failed reads than clean ones would clear it: none count
+        await refresh(world, failure)
+    assert [w for w in world.kube.writes if w[0] in ("configmap", "restart")] == []
+    assert world.kube.configmaps["api-db-pool"].data == good
+    assert world.condition("Ready")["status"] == "True"
+    assert world.condition("DatabaseObserved")["status"] == "True"
+    assert healthy(world)["status"] == "False"  # still raised: a failed read is no clean one
+    assert healthy(world)["reason"] == "OverAllocation"
+    message = healthy(world)["message"]
+    assert "the last read of pg_stat_activity failed (monitor@db:5432/shop did not" in message
+    assert warnings_and_notices(world) == [("Warning", "OverAllocation")]
+    assert "hunter2" not in repr(world.kube.statuses) + repr(world.kube.events)
+
+    clean = activity(("api", SessionState.IDLE, 20), OPERATOR_ROW)
+    for _ in range(3):
+        await refresh(world, clean)
+    assert healthy(world)["status"] == "True"
+    assert "failed" not in healthy(world)["message"]
+
+
+async def test_a_first_activity_read_that_fails_leaves_the_condition_unknown() -> None:
+    world = watched_world()
+    world.probers.append(FakeProber(DSN, activity_result=RuntimeError(f"boom {DSN}")))
+    await world.reconcile()
+    assert world.kube.configmaps["api-db-pool"].data["DB_POOL_SIZE"] == "10"
+    assert (healthy(world)["status"], healthy(world)["reason"]) == ("Unknown", "ActivityUnreadable")
+    assert "RuntimeError" in healthy(world)["message"]
+    assert "hunter2" not in repr(world.status)
+    assert "activity" not in world.status
+
+
+async def test_near_capacity_and_stale_transactions_name_what_to_look_at() -> None:
+    world = World()  # the default ratio, 0.85: 161.5 of 190
+    world.probers.append(FakeProber(DSN))
+    world.probers[-1].activity_result = activity(
+        ("api", SessionState.IDLE, 100),
+        ("reports", SessionState.IDLE_IN_TRANSACTION, 2),
+        ("psql", SessionState.IDLE, 60),
+        OPERATOR_ROW,
+        stale=2,
+    )
+    await world.reconcile()
+    assert sorted(warnings_and_notices(world)) == [
+        ("Warning", "NearCapacity"),
+        ("Warning", "StaleTransactions"),
+    ]
+    assert healthy(world)["reason"] == "NearCapacity"  # the first kind raised, in kind order
+    message = healthy(world)["message"]
+    assert "NearCapacity: 163 of 190 usable connections in use" in message
+    assert "StaleTransactions: 2 sessions of reports have been idle in transaction" in message
+
+
+async def test_a_watch_turned_off_reads_nothing_and_shows_nothing() -> None:
+    world = watched_world()
+    await world.reconcile()
+    assert "DatabaseHealthy" in [c["type"] for c in world.status["conditions"]]
+    world.spec["database"]["watch"] = {"enabled": False}
+    await refresh(world, activity(OPERATOR_ROW))
+    assert world.probers[0].activity_reads == [5.0]  # only the first refresh read it
+    assert "DatabaseHealthy" not in [c["type"] for c in world.status["conditions"]]
+    assert "activity" not in world.status
+    assert "liveConnections" not in world.status["allocations"][0]
+
+
+async def test_a_budget_without_a_database_connection_has_no_watch() -> None:
+    world = World()
+    world.spec["database"] = {"maxConnectionsOverride": 200}
+    await world.reconcile()
+    assert [c["type"] for c in world.status["conditions"]] == [
+        "Ready", "DatabaseObserved", "BudgetFeasible", "RolloutComplete"
+    ]  # fmt: skip

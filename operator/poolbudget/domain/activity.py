@@ -130,7 +130,9 @@ class TargetAllocation(Frozen):
 
 
 def target_allocations(spec: PoolBudgetSpec, plan: BudgetPlan) -> tuple[TargetAllocation, ...]:
-    """Every target's application name (as its ConfigMap writes it) and planned peak."""
+    """Every planned target's application name (as its ConfigMap writes it) and peak. A
+    target another budget owns is not in this budget's plan, and not here."""
+    planned = {allocation.name for allocation in plan.allocations}
     return tuple(
         TargetAllocation(
             deployment_name=target.deployment_name,
@@ -138,6 +140,7 @@ def target_allocations(spec: PoolBudgetSpec, plan: BudgetPlan) -> tuple[TargetAl
             allocation=plan.allocation(target.deployment_name).peak_connections,
         )
         for target in spec.targets
+        if target.deployment_name in planned
     )
 
 

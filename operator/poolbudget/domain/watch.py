@@ -1,0 +1,149 @@
+"""The database watch as users see it: settings, the DatabaseHealthy condition, status.
+
+Pure: domain/activity.py computes usage and signals from a pg_stat_activity reading; this
+module turns them into what reconcile.py writes. DatabaseHealthy reports; it never feeds
+Ready, which is about the plan being applied (a leaking application is not a reason to
+call the budget unapplied, and Ready must not flap with the database's load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from poolbudget.api.v1alpha1 import DatabaseWatch
+from poolbudget.domain.activity import (
+    BudgetUsage,
+    Signal,
+    SignalKind,
+    SignalSettings,
+    SignalState,
+    StateCounts,
+)
+from poolbudget.domain.conditions import ConditionType, Observation, rfc3339
+
+# How many clients of no target status names (the largest first); the total counts all.
+TOP_UNBUDGETED = 5
+
+PARTIAL_VISIBILITY_NOTE = (
+    "partial view: the operator's role sees other roles' sessions without their state; "
+    "grant pg_monitor for states, lock waits and stale transactions"
+)
+
+
+def signal_settings(watch: DatabaseWatch) -> SignalSettings:
+    return SignalSettings(
+        near_capacity_ratio=watch.capacity_warning_ratio,
+        lock_waits=watch.lock_waits_warning,
+        stale_transaction_seconds=float(watch.idle_in_transaction_warning_seconds),
+    )
+
+
+def ordered(signals: Sequence[Signal]) -> list[Signal]:
+    """Raised signals in a stable order: by kind as SignalKind lists them, then subject."""
+    rank = {kind: index for index, kind in enumerate(SignalKind)}
+    return sorted(signals, key=lambda s: (rank[s.kind], s.subject))
+
+
+def health_observation(
+    usage: BudgetUsage | None, state: SignalState, read_error: str | None
+) -> Observation:
+    """DatabaseHealthy. Its status follows the raised signals only (which raise at once and
+    clear after clean refreshes), so it flips on a raise or a clear and on nothing else. A
+    failed read changes the message, not the status: it is no evidence either way."""
+    failed = (
+        f"the last read of pg_stat_activity failed ({read_error}); the signals stand as last "
+        "seen until a read succeeds"
+        if read_error
+        else ""
+    )
+    raised = ordered(state.raised)
+    if usage is None and not raised:
+        if read_error:
+            return Observation(
+                type=ConditionType.DATABASE_HEALTHY,
+                status=None,
+                reason="ActivityUnreadable",
+                message=failed,
+            )
+        return Observation(
+            type=ConditionType.DATABASE_HEALTHY,
+            status=None,
+            reason="NotYetObserved",
+            message="pg_stat_activity is read at the next refresh of the database",
+        )
+    notes = [failed] if failed else []
+    if usage is not None and usage.partial_visibility:
+        notes.append(PARTIAL_VISIBILITY_NOTE)
+    if raised:
+        return Observation(
+            type=ConditionType.DATABASE_HEALTHY,
+            status=False,
+            reason=raised[0].kind.value,
+            message="; ".join([f"{s.kind.value}: {s.message}" for s in raised] + notes),
+        )
+    assert usage is not None  # no reading and nothing raised returned above
+    summary = (
+        f"{usage.in_use} of {usage.usable} usable connections in use, "
+        f"{usage.unbudgeted_connections} of them by clients of no target; every target "
+        f"within its allocation; {usage.lock_waits} lock waits; no transaction left open"
+    )
+    return Observation(
+        type=ConditionType.DATABASE_HEALTHY,
+        status=True,
+        reason="WithinThresholds",
+        message="; ".join([summary, *notes]),
+    )
+
+
+def cleared_message(signal: Signal, settings: SignalSettings) -> str:
+    what = f" ({signal.subject})" if signal.subject else ""
+    return (
+        f"{signal.kind.value}{what} cleared after {settings.clear_after_clean_observations} "
+        f"clean refreshes in a row; it was: {signal.message}"
+    )
+
+
+def live_counts(counts: StateCounts) -> dict[str, int]:
+    return {
+        "active": counts.active,
+        "idle": counts.idle,
+        "idleInTransaction": counts.idle_in_transaction,
+        "unknown": counts.unknown,
+        "total": counts.total,
+    }
+
+
+def target_live(usage: BudgetUsage) -> dict[str, dict[str, Any]]:
+    """Per Deployment: its application's live connections (status.allocations[].live).
+    Targets sharing an application_name cannot be told apart: each shows the sum."""
+    live: dict[str, dict[str, Any]] = {}
+    for application in usage.targets:
+        for name in application.deployment_names:
+            live[name] = {
+                "applicationName": application.application_name,
+                **live_counts(application.live),
+            }
+    return live
+
+
+def activity_status(usage: BudgetUsage, observed: datetime) -> dict[str, Any]:
+    """status.activity: the server's client connections at the last refresh."""
+    top = sorted(usage.unbudgeted, key=lambda u: (-u.live.total, u.application_name))
+    return {
+        "connectionsInUse": usage.in_use,
+        "unbudgetedConnections": usage.unbudgeted_connections,
+        "unbudgetedClients": [
+            {"applicationName": u.application_name, "connections": u.live.total}
+            for u in top[:TOP_UNBUDGETED]
+        ],
+        "operatorConnections": usage.operator.total,
+        "lockWaits": usage.lock_waits,
+        "staleTransactions": sum(
+            a.live.stale_in_transaction for a in (*usage.targets, *usage.unbudgeted)
+        )
+        + usage.operator.stale_in_transaction,
+        "visibility": "Partial" if usage.partial_visibility else "Full",
+        "observedTime": rfc3339(observed),
+    }
