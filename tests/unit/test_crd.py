@@ -273,6 +273,10 @@ def secret_key(key: str, name: str = "shop-db") -> dict[str, Any]:
     return {"database": {"connectionSecretRef": {"name": name, "key": key}}}
 
 
+def watch(**fields: Any) -> dict[str, Any]:
+    return {"database": {**VALID["database"], "watch": fields}}
+
+
 LONG_NAME_RULE = "makes the default ConfigMap name <deploymentName>-db-pool longer than 253: set configMapName"  # fmt: skip
 
 # (case, spec overrides on top of VALID, what the API server's message must contain,
@@ -343,6 +347,19 @@ INVALID_SPECS = [
     ("application-name-too-long", targets({"deploymentName": "api", "applicationName": "a" * 64}),
      ["spec.targets[0].applicationName: Too long: may not be more than 63"],
      "targets[0].applicationName: String should have at most 63 characters"),
+    # An integer 0 passes `minimum: 0.1` in the API server (compared truncated): CEL refuses it.
+    ("zero-capacity-ratio", watch(capacityWarningRatio=0),
+     ["spec.database.watch.capacityWarningRatio", "capacityWarningRatio must be between 0.1 and 1"],
+     "database.watch.capacityWarningRatio: Input should be greater than or equal to 0.1"),
+    ("capacity-ratio-above-one", watch(capacityWarningRatio=1.5),
+     ["spec.database.watch.capacityWarningRatio", "should be less than or equal to 1"],
+     "database.watch.capacityWarningRatio: Input should be less than or equal to 1"),
+    ("zero-lock-waits", watch(lockWaitsWarning=0),
+     ["spec.database.watch.lockWaitsWarning: Invalid value: 0", "should be greater than or equal to 1"],
+     "database.watch.lockWaitsWarning: Input should be greater than or equal to 1"),
+    ("zero-stale-seconds", watch(idleInTransactionWarningSeconds=0),
+     ["spec.database.watch.idleInTransactionWarningSeconds: Invalid value: 0", "should be greater than or equal to 1"],
+     "database.watch.idleInTransactionWarningSeconds: Input should be greater than or equal to 1"),
 ]  # fmt: skip
 
 # Specs at the edge of each rule above that both the models and the API server accept.
@@ -352,6 +369,9 @@ EDGE_SPECS = [
     ("longest-deployment-name-with-default-configmap", targets({"deploymentName": "a" * 245})),
     ("longest-deployment-name-with-configmap-name", targets({"deploymentName": "a" * 253, "configMapName": "api-db-pool"})),
     ("secret-key-with-dots-dashes-underscores", secret_key("tls.DSN_primary-1")),
+    ("capacity-ratio-one", watch(capacityWarningRatio=1)),
+    ("capacity-ratio-lowest", watch(capacityWarningRatio=0.1)),
+    ("watch-off", watch(enabled=False)),
     ("printable-ascii-application-name", targets({"deploymentName": "api", "applicationName": " shop api: v2 ~" + "x" * 48})),
 ]  # fmt: skip
 
