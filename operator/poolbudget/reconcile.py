@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -540,7 +540,12 @@ class Reconciler:
                 reason="DeploymentNotFound",
                 message=f"Deployment(s) not found: {', '.join(missing)}",
             )
-        health = await self._watch(ref, spec, plan, memory, labels, now)
+        rolling_out = {
+            entry["deploymentName"]
+            for entry in allocations
+            if entry.get("state") in (TargetPhase.ROLLING.value, TargetPhase.PENDING.value)
+        }
+        health = await self._watch(ref, spec, plan, memory, labels, now, rolling_out)
         status = self._status_with(
             previous, budget, now, [ready, *observations, *([health] if health else [])]
         )
@@ -659,9 +664,11 @@ class Reconciler:
         memory: BudgetMemory,
         labels: Mapping[str, str],
         now: datetime,
+        rolling_out: Collection[str],
     ) -> Observation | None:
         """Judge a new reading (once), post an event per signal raised or cleared, and
-        return DatabaseHealthy (None: nothing is watched)."""
+        return DatabaseHealthy (None: nothing is watched). Targets in `rolling_out` are
+        not judged over their allocation: the rollout's old pods hold the old pools."""
         watch = spec.database.watch
         if not watch.enabled or spec.database.connection_secret_ref is None:
             if memory.usage is not None or memory.signals.raised:
@@ -672,7 +679,9 @@ class Reconciler:
         settings = signal_settings(watch)
         if memory.activity is not None:
             usage = budget_usage(
-                memory.activity, target_allocations(spec, plan), plan.usable_connections
+                memory.activity,
+                target_allocations(spec, plan, rolling_out),
+                plan.usable_connections,
             )
             evaluation = evaluate_signals(usage, memory.signals, settings)
             memory.activity = None

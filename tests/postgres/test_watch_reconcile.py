@@ -41,6 +41,9 @@ class Operator:
         self.time = 1000.0
         self.status: dict[str, Any] = {}
         self.stack = stack
+        # The hash on api's pod template: the one the operator restarted it with, as if the
+        # rollout finished at once (a target still rolling out is not judged).
+        self.template_hash: str | None = None
         self.reconciler = Reconciler(
             kube=self.kube, prober_factory=self._prober, clock=lambda: NOW,
             monotonic=lambda: self.time,
@@ -60,9 +63,11 @@ class Operator:
         budget = BudgetObject(namespace="shop", name="shop", uid="u1", generation=1,
                               created="2026-01-01T00:00:00Z", spec=spec, status=self.status)  # fmt: skip
         api = DeploymentState(name="api", replicas=1, max_surge=None, recreate=False,
-                              template_hash=None, rolling=False, unobserved=False, stalled=False)  # fmt: skip
+                              template_hash=self.template_hash, rolling=False, unobserved=False,
+                              stalled=False)  # fmt: skip
         observed = Observed(deployments={("shop", "api"): api}, hpa_max_replicas={}, claims={})
         self.status = (await self.reconciler.reconcile(budget, observed, self.memory)).status
+        self.template_hash = self.status["allocations"][0].get("configHash")
 
     def healthy(self) -> dict[str, Any]:
         return next(c for c in self.status["conditions"] if c["type"] == "DatabaseHealthy")

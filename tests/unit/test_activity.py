@@ -175,6 +175,26 @@ def test_each_threshold_raises_its_signal_with_a_message_a_person_can_act_on() -
     assert "adding more connections will not fix a leak" in stale.message
 
 
+def test_a_target_rolling_out_is_not_judged_over_its_allocation() -> None:
+    """Its old pods keep their old pools until the paced rollout replaces them: 25 of 20
+    is the plan working, not a pod ignoring its ConfigMap. Once it is Applied, it is."""
+    rows = DatabaseActivity(rows=(row("api", SessionState.IDLE, 25),), stale_after_seconds=5)
+    rolling = tuple(
+        t.model_copy(update={"rolling_out": t.deployment_name == "api"}) for t in TARGETS
+    )
+
+    during = budget_usage(rows, rolling, 100)
+    assert during.targets[0].live.total == 25  # still counted, and shown
+    assert during.targets[0].over_allocation == 0
+    assert evaluate_signals(during, SignalState(), DEFAULTS).raised_now == ()
+
+    after = budget_usage(rows, TARGETS, 100)
+    assert after.targets[0].over_allocation == 5
+    assert kinds(evaluate_signals(after, SignalState(), DEFAULTS).raised_now) == {
+        (SignalKind.OVER_ALLOCATION, "api")
+    }
+
+
 def test_a_stale_transaction_of_an_unbudgeted_client_is_named_too() -> None:
     observed = usage(row("reporting", SessionState.IDLE_IN_TRANSACTION, 1, stale_in_transaction=1))
     (signal,) = evaluate_signals(observed, SignalState(), DEFAULTS).raised_now

@@ -576,7 +576,9 @@ async def _watch_signals_raised(world: World) -> None:
     )
     await world.reconcile()
     await world.reconcile()
-    assert world.condition("DatabaseHealthy")["reason"] == "OverAllocation"
+    # The one reading came while api was restarting onto its first settings, so api is not
+    # judged over its allocation (test_reconcile.py has that once Applied): near capacity.
+    assert world.condition("DatabaseHealthy")["reason"] == "NearCapacity"
 
 
 async def _database_auth_failure(world: World) -> None:

@@ -17,7 +17,7 @@ lock waits or stale transactions among them cannot be seen (`partial_visibility`
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from enum import StrEnum
 
 from pydantic import Field, model_validator
@@ -127,17 +127,24 @@ class TargetAllocation(Frozen):
     deployment_name: str
     application_name: str
     allocation: int = Field(ge=0)  # workers x (pool_size + max_overflow)
+    # Its pods are being restarted onto new settings: the old ones still hold the old
+    # (maybe larger) pools, as the rollout planned, so it is not judged over its allocation.
+    rolling_out: bool = False
 
 
-def target_allocations(spec: PoolBudgetSpec, plan: BudgetPlan) -> tuple[TargetAllocation, ...]:
+def target_allocations(
+    spec: PoolBudgetSpec, plan: BudgetPlan, rolling_out: Collection[str] = ()
+) -> tuple[TargetAllocation, ...]:
     """Every planned target's application name (as its ConfigMap writes it) and peak. A
-    target another budget owns is not in this budget's plan, and not here."""
+    target another budget owns is not in this budget's plan, and not here. `rolling_out`:
+    the Deployments whose restart onto new settings is pending or under way."""
     planned = {allocation.name for allocation in plan.allocations}
     return tuple(
         TargetAllocation(
             deployment_name=target.deployment_name,
             application_name=application_name(target),
             allocation=plan.allocation(target.deployment_name).peak_connections,
+            rolling_out=target.deployment_name in rolling_out,
         )
         for target in spec.targets
         if target.deployment_name in planned
@@ -153,11 +160,13 @@ class ApplicationUsage(Frozen):
     deployment_names: tuple[str, ...] = ()
     allocation: int | None = None
     live: StateCounts = StateCounts()
+    rolling_out: bool = False  # one of its targets is restarting onto new settings
 
     @property
     def over_allocation(self) -> int:
-        """Connections beyond the allocation (0 within it, or for no target)."""
-        if self.allocation is None:
+        """Connections beyond the allocation (0 within it, for no target, or while it
+        rolls out: a paced rollout's old pods keep their old pools until replaced)."""
+        if self.allocation is None or self.rolling_out:
             return 0
         return max(0, self.live.total - self.allocation)
 
@@ -202,9 +211,12 @@ def budget_usage(
 
     deployments: dict[str, list[str]] = defaultdict(list)
     allocations: dict[str, int] = defaultdict(int)
+    rolling: set[str] = set()
     for target in targets:  # dicts keep insertion order: spec order
         deployments[target.application_name].append(target.deployment_name)
         allocations[target.application_name] += target.allocation
+        if target.rolling_out:
+            rolling.add(target.application_name)
 
     return BudgetUsage(
         targets=tuple(
@@ -213,6 +225,7 @@ def budget_usage(
                 deployment_names=tuple(deployments[name]),
                 allocation=allocations[name],
                 live=count_states(rows_by_name.get(name, ())),
+                rolling_out=name in rolling,
             )
             for name in deployments
         ),
