@@ -177,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="log in to each database again after this long, so a password changed on the "
         "server is reported (an open connection stays authenticated); default: %(default)s",
     )
+    run.add_argument(
+        "--secret-check-seconds",
+        type=_non_negative,
+        default=10,
+        metavar="SECONDS",
+        help="look at each Secret a budget's DSN comes from this often and reconcile the "
+        "budget when it changed (a GET per Secret: no list or watch on Secrets is needed); "
+        "0: only at the budget's refreshSeconds; default: %(default)s",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -302,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             peering=args.peering,
             priority=args.priority,
             database_connection_lifetime=args.database_connection_lifetime,
+            secret_check_seconds=args.secret_check_seconds,
             verbose=args.verbose,
         )
     except UsageError as exc:

@@ -44,11 +44,11 @@ from poolbudget.adapters.informer import (
     WatchClient,
     watch_client,
 )
-from poolbudget.adapters.kube import KubeGateway, PoolBudgetResource
+from poolbudget.adapters.kube import KubeError, KubeGateway, PoolBudgetResource
 from poolbudget.adapters.leader import LeaderElector
 from poolbudget.adapters.postgres import CONNECTION_LIFETIME_SECONDS, DatabaseProbe
 from poolbudget.api.v1alpha1 import GROUP, PLURAL, VERSION
-from poolbudget.domain.cluster_view import ClusterView, Key, budget_claims
+from poolbudget.domain.cluster_view import ClusterView, Key, budget_claims, referenced_secrets
 from poolbudget.domain.observe import deployment_state, hpa_target
 from poolbudget.reconcile import BudgetMemory, BudgetObject, Reconciler
 
@@ -226,6 +226,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     namespaces = memo.get("namespaces")
     runtime.start_informers(list(namespaces) if isinstance(namespaces, list) else [])
     memo["runtime"] = runtime
+    secret_check = float(memo.get("secret_check_seconds", 10.0))
+    if secret_check > 0:
+        memo["secret_task"] = asyncio.create_task(
+            watch_secrets(runtime, secret_check), name="secret check"
+        )
     health = memo.get("health")
     if isinstance(health, tuple):
         address, port = health
@@ -238,9 +243,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    lease_task = memo.get("lease_task")
-    if isinstance(lease_task, asyncio.Task):
-        lease_task.cancel()
+    for name in ("lease_task", "secret_task"):
+        task = memo.get(name)
+        if isinstance(task, asyncio.Task):
+            task.cancel()
     server = memo.get("health_server")
     if isinstance(server, HealthServer):
         await server.stop()
@@ -317,6 +323,31 @@ async def budget_changed(
 
 
 # --- the reconcile loop, one per PoolBudget ----------------------------------------------
+
+
+async def watch_secrets(runtime: Runtime, interval: float) -> None:
+    """Wake a budget soon after the Secret its DSN comes from changes (a rotated password,
+    a new host), not at its next refreshSeconds. The operator may `get` Secrets but not
+    list or watch them (that would let it read every Secret in scope), so each referenced
+    Secret's resourceVersion is read every `interval`: one GET per Secret, however many
+    budgets share it. A Secret that appears, changes or goes away wakes its budgets."""
+    seen: dict[Key, str | None] = {}
+    while True:
+        await asyncio.sleep(interval)
+        references = referenced_secrets(runtime.bodies)
+        for secret in list(seen):
+            if secret not in references:
+                del seen[secret]  # no budget uses it any more
+        for secret, budgets in references.items():
+            try:
+                version = await runtime.kube.secret_version(*secret)
+            except KubeError as exc:  # the budget's own reconcile reports what is wrong
+                logger.debug("Secret %s/%s: not checked: %s", *secret, exc)
+                continue
+            if secret in seen and seen[secret] != version:
+                logger.info("Secret %s/%s changed: reconciling %d budget(s)", *secret, len(budgets))
+                runtime.wake(budgets)
+            seen[secret] = version
 
 
 async def budget_loop(runtime: Runtime, key: Key, loop: BudgetLoop) -> None:

@@ -25,6 +25,7 @@ def run_operator(
     priority: int,
     verbose: bool,
     database_connection_lifetime: float = 300.0,
+    secret_check_seconds: float = 10.0,
 ) -> int:
     assert handlers.budget_changed is not None  # importing the module registered the handlers
     kopf.configure(verbose=verbose, log_prefix=True)
@@ -61,6 +62,7 @@ def run_operator(
                 namespaces=namespaces,
                 health=health,
                 database_connection_lifetime=database_connection_lifetime,
+                secret_check_seconds=secret_check_seconds,
             ),
         )
     finally:

@@ -30,8 +30,9 @@ def operator_process(
         kubeconfig=crd_installed.kubeconfig,
         log_path=tmp_path_factory.mktemp("operator") / "operator.log",
         # Log in to databases again every 5 s (default 300): the database fault test
-        # changes a password on the server and waits for it to be noticed.
-        extra_args=["--database-connection-lifetime", "5"],
+        # changes a password on the server and waits for it to be noticed. Secrets are
+        # checked every second (default 10): a test times how soon a changed one is used.
+        extra_args=["--database-connection-lifetime", "5", "--secret-check-seconds", "1"],
     )
     process.start()
     try:

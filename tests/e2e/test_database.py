@@ -188,3 +188,40 @@ def test_database_faults_keep_the_last_good_configmap_and_recover(
     everything = str(ns.status("shop")) + str(ns.get("events")) + operator_process.log()
     for leaked in (PASSWORD, "rotated-on-the-server-9913"):
         assert leaked not in everything
+
+
+def test_a_changed_secret_is_used_within_seconds_not_at_the_next_refresh(
+    ns: Cluster, database: tuple[PostgresServer, str], operator_process: OperatorProcess
+) -> None:
+    """refreshSeconds 300: the limits are not re-read for five minutes, yet a Secret that
+    changes is read within seconds (the operator checks each referenced Secret's
+    resourceVersion every --secret-check-seconds, 1 s here, with `get` only) and the new
+    DSN is used: a wrong password is reported, the right one again recovers."""
+    _, dsn = database
+    secret(ns, dsn)
+    ns.apply(deployment("api", 2))
+    ns.apply(db_budget(refresh=300))
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
+    good, sets = ns.configmap("api-db-pool"), ns.replicasets("api")
+
+    def observed_reason() -> str:
+        return str((ns.condition("shop", "DatabaseObserved") or {}).get("reason"))
+
+    secret(ns, dsn.replace(PASSWORD, "not-the-password-5521"))
+    changed = time.monotonic()
+    wait_for(lambda: observed_reason() == "AuthenticationFailed", timeout=15,
+             what="the changed Secret used before the next refresh")  # fmt: skip
+    to_failed = time.monotonic() - changed
+    assert ns.configmap("api-db-pool") == good  # the last good settings stay
+    assert ns.replicasets("api") == sets
+
+    secret(ns, dsn)
+    changed = time.monotonic()
+    wait_for(lambda: observed_reason() == "Probed", timeout=15, what="the fixed Secret used")
+    to_fixed = time.monotonic() - changed
+    print(f"\nSecret changed: wrong password reported after {to_failed:.1f} s, "
+          f"the fix after {to_fixed:.1f} s (refreshSeconds 300)")  # fmt: skip
+    assert max(to_failed, to_fixed) < 10
+    everything = str(ns.status("shop")) + str(ns.get("events")) + operator_process.log()
+    assert "not-the-password-5521" not in everything
+    assert PASSWORD not in everything

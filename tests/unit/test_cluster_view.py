@@ -20,6 +20,7 @@ from poolbudget.domain.cluster_view import (
     Key,
     Observed,
     budget_claims,
+    referenced_secrets,
 )
 from poolbudget.domain.observe import DeploymentState
 
@@ -183,3 +184,21 @@ def test_a_budget_recreated_between_two_lists_wakes_its_rivals() -> None:
     )
     assert woken == {(NS, "b")}
     assert view.observe((NS, "b"), "2026-01-02", ["api"]).claims[(NS, "api")][0][1] == "b"
+
+
+def test_referenced_secrets_groups_budgets_by_the_secret_in_their_namespace() -> None:
+    def body(secret: object) -> dict[str, Any]:
+        return {"spec": {"database": {"connectionSecretRef": secret}}}
+
+    bodies: dict[tuple[str, str], dict[str, Any]] = {
+        ("shop", "b"): body({"name": "db", "key": "dsn"}),
+        ("shop", "a"): body({"name": "db", "key": "other"}),  # same Secret, another key
+        ("bank", "a"): body({"name": "db", "key": "dsn"}),  # same name, another namespace
+        ("shop", "override"): {"spec": {"database": {"maxConnectionsOverride": 100}}},
+        ("shop", "odd"): {"spec": {"database": {"connectionSecretRef": {"name": ""}}}},
+        ("shop", "none"): {},
+    }
+    assert referenced_secrets(bodies) == {
+        ("bank", "db"): (("bank", "a"),),
+        ("shop", "db"): (("shop", "a"), ("shop", "b")),
+    }

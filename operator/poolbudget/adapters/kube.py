@@ -104,6 +104,14 @@ class KubeGateway:
             # Never include the value: it is a credential.
             raise SecretKeyMissingError(f"{what} key {key!r} is not valid base64 UTF-8") from None
 
+    async def secret_version(self, namespace: str, name: str) -> str | None:
+        """The Secret's resourceVersion (it changes with any write), None if it does not
+        exist. Needs only `get` on Secrets; the value is read but never kept."""
+        secret = await self._get_or_none(Secret, namespace, name)
+        if secret is None:
+            return None
+        return str((secret.metadata or ObjectMeta()).resourceVersion or "")
+
     async def _get_or_none(self, resource: Any, namespace: str, name: str) -> Any | None:
         """One object by name; None if it does not exist, KubeError on any other failure."""
         what = f"{resource.__name__} {namespace}/{name}"

@@ -46,6 +46,19 @@ def budget_claims(body: Mapping[str, Any]) -> BudgetClaims:
     )
 
 
+def referenced_secrets(bodies: Mapping[Key, Mapping[str, Any]]) -> dict[Key, tuple[Key, ...]]:
+    """(namespace, Secret name) -> the budgets whose DSN it holds (a Secret is in its
+    budget's namespace). Budgets without a connectionSecretRef reference none."""
+    found: dict[Key, list[Key]] = {}
+    for budget, body in bodies.items():
+        spec = body.get("spec") or {}
+        database = spec.get("database") if isinstance(spec, Mapping) else None
+        ref = database.get("connectionSecretRef") if isinstance(database, Mapping) else None
+        if isinstance(ref, Mapping) and ref.get("name"):
+            found.setdefault((budget[0], str(ref["name"])), []).append(budget)
+    return {secret: tuple(sorted(budgets)) for secret, budgets in sorted(found.items())}
+
+
 @dataclass(frozen=True)
 class Observed:
     """What one budget sees of the cluster (slim values, never bodies)."""
