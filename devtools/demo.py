@@ -191,6 +191,7 @@ def run(keep: bool, plot_path: Path) -> None:
     )  # fmt: skip
     database.start()
     monitor_dsn = database.create_role("monitor", "demo-monitor-pw", database="shop")
+    database.sql("GRANT pg_monitor TO monitor")  # the watch sees every session's state
     database.create_role("app", "demo-app-pw")  # connects to shop (PUBLIC may)
     app_dsn = database.pod_dsn("app", "demo-app-pw", "shop")
     detail(f"PostgreSQL {database.sql('SHOW server_version')} on port {database.port}")
@@ -307,6 +308,22 @@ def run(keep: bool, plot_path: Path) -> None:
             max_connections=status["database"]["maxConnections"], path=plot_path,
         )  # fmt: skip
         detail(f"picture: {plot_path}")
+
+        say("What the operator itself saw at its last refresh (status.activity, DatabaseHealthy)")
+        activity = status.get("activity") or {}
+        for entry in status.get("allocations") or []:
+            live = entry.get("liveConnections") or {}
+            detail(f"{entry['deploymentName']:8} live {live.get('total', '-'):>3} of its "
+                   f"{entry['peakConnections']:>3} (active {live.get('active', '-')}, "
+                   f"idle {live.get('idle', '-')})")  # fmt: skip
+        detail(f"in use {activity.get('connectionsInUse', '-')} of {status['usableConnections']} "
+               f"usable, unbudgeted {activity.get('unbudgetedConnections', '-')}, "
+               f"visibility {activity.get('visibility', '-')}")  # fmt: skip
+        healthy = next((c for c in status.get("conditions") or []
+                        if c["type"] == "DatabaseHealthy"), None)  # fmt: skip
+        if healthy is not None:
+            detail(f"DatabaseHealthy={healthy['status']} ({healthy['reason']}): "
+                   f"{healthy['message']}")  # fmt: skip
         say(f"Done in {time.monotonic() - started:.0f} s: budgeted peak {status['peakConnections']} of "
             f"{status['usableConnections']} usable connections "
             f"(max_connections {status['database']['maxConnections']}), headroom {status['headroom']}")  # fmt: skip
