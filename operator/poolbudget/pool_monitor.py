@@ -160,7 +160,7 @@ class _Metrics:
 def _metrics(registry: CollectorRegistry | None, application: str) -> _Metrics:
     try:
         import prometheus_client
-    except ImportError:  # pragma: no cover - depends on the installation
+    except ImportError:
         raise RuntimeError(
             "PoolMonitor(metrics=...) needs prometheus_client: pip install prometheus-client"
         ) from None
@@ -220,6 +220,8 @@ class PoolMonitor:
         if pool is self._hooked:
             return
         self._unhook()
+        from sqlalchemy.exc import TimeoutError as PoolTimeout  # the application has it
+
         original: Callable[[], Any] = pool.connect
         counts = self._counts
 
@@ -234,8 +236,8 @@ class PoolMonitor:
                 counts.waits += 1
             try:
                 return original()
-            except Exception as error:
-                if full and type(error).__name__ == "TimeoutError":  # sqlalchemy.exc's
+            except PoolTimeout:
+                if full:
                     counts.timeouts += 1
                 raise
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
@@ -102,3 +104,22 @@ def test_messages_name_the_application_and_the_numbers(signal: Signal) -> None:
         Signal.WAITS: "4 checkout(s)",
     }
     assert expected[signal] in text
+
+
+def test_importable_without_sqlalchemy_and_metrics_need_prometheus_client() -> None:
+    """client and pool_monitor import no third-party package at import time; asking for
+    metrics without prometheus_client is a clear error, not an ImportError deep inside."""
+    code = """
+import sys
+sys.modules["sqlalchemy"] = None
+sys.modules["prometheus_client"] = None
+import poolbudget.client, poolbudget.pool_monitor
+try:
+    poolbudget.pool_monitor.PoolMonitor(object(), metrics=True)
+except RuntimeError as error:
+    print(error)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert "needs prometheus_client: pip install prometheus-client" in result.stdout
