@@ -21,7 +21,11 @@ Endpoints (plain ASGI, no framework):
 in flight in each worker all the time (``full``: pool_size + max_overflow, ``pool``:
 pool_size), so the pools hold their connections and `pg_stat_activity` shows what a busy
 fleet holds. SIGTERM: uvicorn stops accepting, the lifespan shutdown
-cancels the load and disposes the engine, and the process exits 0.
+cancels the load, stops the pool monitor and disposes the engine, and the process exits 0.
+
+Each worker runs `poolbudget.pool_monitor.PoolMonitor` on its pool from the lifespan
+(every ``POOL_MONITOR_INTERVAL`` seconds, 5 by default) and writes its warnings and clears
+to stderr as JSON lines. Logs only: the image has no prometheus_client.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +46,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from poolbudget.client import engine_kwargs
+from poolbudget.pool_monitor import LOG as POOL_LOG
+from poolbudget.pool_monitor import PoolMonitor
 
 SCHEDULE = Path(os.environ.get("BURST_DIR", "/tmp")) / "burst-schedule.json"  # noqa: S108
 RESULTS = SCHEDULE.parent / "burst-results"
@@ -57,10 +64,13 @@ class Worker:
         self.kwargs = engine_kwargs()
         self.engine: AsyncEngine = create_async_engine(os.environ["DATABASE_URL"], **self.kwargs)
         self.pool_capacity = int(self.kwargs["pool_size"]) + int(self.kwargs["max_overflow"])
+        interval = float(os.environ.get("POOL_MONITOR_INTERVAL", "5"))
+        self.monitor = PoolMonitor(self.engine, interval=interval)
         self.tasks: list[asyncio.Task[None]] = []
         self.last_burst: float | None = None
 
     def start(self) -> None:
+        self.monitor.start()
         self.tasks.append(asyncio.create_task(self._watch_schedule()))
         load = os.environ.get("LOAD_CONCURRENCY", "0")
         named = {"full": self.pool_capacity, "pool": int(self.kwargs["pool_size"])}
@@ -73,6 +83,7 @@ class Worker:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.monitor.stop()
         await self.engine.dispose()
 
     async def ready(self) -> bool:
@@ -155,6 +166,30 @@ class Worker:
         }
 
 
+_RECORD_FIELDS = {*vars(logging.makeLogRecord({})), "message", "asctime"}
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object a line: level, logger, message, pid and the record's `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
+        return json.dumps({
+            "level": record.levelname, "logger": record.name,
+            "message": record.getMessage(), "pid": record.process, **extra,
+        })  # fmt: skip
+
+
+def log_pool_signals() -> None:
+    """The pool monitor's warnings and clears to stderr (uvicorn leaves them unhandled)."""
+    if not POOL_LOG.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLines())
+        POOL_LOG.addHandler(handler)
+        POOL_LOG.setLevel(logging.INFO)
+        POOL_LOG.propagate = False
+
+
 def sqlstate(error: BaseException) -> str | None:
     """The SQLSTATE anywhere in the chain (SQLAlchemy wraps the asyncpg error)."""
     seen: set[int] = set()
@@ -223,6 +258,7 @@ async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            log_pool_signals()
             worker = Worker()
             worker.start()
             scope["state"]["worker"] = worker

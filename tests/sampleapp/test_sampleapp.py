@@ -5,6 +5,7 @@ pooled connection out, a burst reaches every worker, SIGTERM ends it cleanly."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -45,8 +46,9 @@ def server() -> Iterator[PostgresServer]:
 
 
 def start_app(
-    pg: PostgresServer, tmp_path: Path, *, workers: int, load: str
+    pg: PostgresServer, tmp_path: Path, *, workers: int, load: str, **extra_env: str
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """The app under uvicorn; its stderr goes to tmp_path / "stderr"."""
     port = free_port()
     url = pg.create_role("app", "app-pw", database="shop").replace(
         "postgresql://", "postgresql+asyncpg://"
@@ -54,14 +56,16 @@ def start_app(
     env = {
         **os.environ, **SETTINGS, "DATABASE_URL": url, "WEB_CONCURRENCY": str(workers),
         "LOAD_CONCURRENCY": load, "BURST_DIR": str(tmp_path),
-        "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(APP_DIR)]),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(APP_DIR)]), **extra_env,
     }  # fmt: skip
+    stderr = (tmp_path / "stderr").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "sampleapp:app", "--app-dir", str(APP_DIR),
          "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=subprocess.DEVNULL, stderr=stderr,
         start_new_session=True,  # its own group: a failed test kills the workers too
     )  # fmt: skip
+    stderr.close()  # the child has its own copy
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _ready(base), timeout=30, what="the sample app ready")
     return process, base
@@ -129,3 +133,44 @@ def test_not_ready_while_the_database_refuses(server: PostgresServer, tmp_path: 
         process.terminate()
         process.wait(timeout=15)
         kill_group(process)
+
+
+def pool_signals(tmp_path: Path) -> list[dict[str, Any]]:
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith('{"level"')]
+
+
+def test_the_pool_monitor_warns_on_a_full_pool_without_a_log_storm(
+    server: PostgresServer, tmp_path: Path
+) -> None:
+    """LOAD_CONCURRENCY=full keeps the whole pool (2 + 1) checked out. The lifespan's monitor
+    samples every 0.1 s and warns for `saturated` and `overflow` on entering the state, then
+    at most once per 12 samples (its repeat_every) while it lasts: about one line a second
+    for each, where one line a sample would be ten."""
+    started = time.monotonic()
+    process, _ = start_app(server, tmp_path, workers=1, load="full", POOL_MONITOR_INTERVAL="0.1")
+    try:
+
+        def warned() -> set[str] | None:
+            names = {s["pool_signal"] for s in pool_signals(tmp_path) if s["level"] == "WARNING"}
+            return names if {"saturated", "overflow"} <= names else None
+
+        wait_for(warned, timeout=15, what="the pool monitor's warnings on stderr")
+        time.sleep(1.5)  # 15 more samples in the same state
+        process.send_signal(signal.SIGTERM)
+        # One worker: uvicorn runs it in its own process, shuts the lifespan down (the
+        # monitor stops) and then re-raises the SIGTERM it caught.
+        assert process.wait(timeout=15) in (0, -signal.SIGTERM)
+    finally:
+        kill_group(process)
+    samples = (time.monotonic() - started) / 0.1 + 1  # an upper bound
+    assert "Traceback" not in (tmp_path / "stderr").read_text()
+    warnings = [s for s in pool_signals(tmp_path) if s["level"] == "WARNING"]
+    for name in ("saturated", "overflow"):
+        count = [s["pool_signal"] for s in warnings].count(name)
+        assert 1 <= count <= samples / 12 + 1, (name, count, samples)
+        assert count < samples / 4, (name, count, samples)
+    saturated = next(s for s in warnings if s["pool_signal"] == "saturated")
+    assert saturated["application_name"] == "sample"
+    assert (saturated["checked_out"], saturated["capacity"]) == (3, 3)
+    assert "3 of 3 connections checked out" in saturated["message"]
