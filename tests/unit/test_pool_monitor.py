@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from poolbudget.pool_monitor import (
+    METRICS,
     Action,
     AlertState,
     PoolSample,
@@ -123,3 +126,11 @@ except RuntimeError as error:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
     assert "needs prometheus_client: pip install prometheus-client" in result.stdout
+
+
+def test_the_readme_lists_the_client_metrics() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Watching the pool from the application", 1)[1]
+    section = section.split("\n### ", 1)[0]
+    documented = set(re.findall(r"^\| `(poolbudget_client_[a-z_]+)` \|", section, re.MULTILINE))
+    assert documented == set(METRICS)
