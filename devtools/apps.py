@@ -142,12 +142,18 @@ class TimelineSampler:
         self.server = server
         self.interval = interval
         self.timeline = ConnectionTimeline(applications)
+        # Samples that failed (psql's error): the thread keeps sampling after one, so a
+        # short gap does not end the timeline (one CI run's ended after 5 s, unexplained).
+        self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.timeline.sample(self.server)
+            try:
+                self.timeline.sample(self.server)
+            except Exception as error:  # recorded for the caller to show
+                self.errors.append(f"{time.monotonic() - self.timeline.started:.1f} s: {error}")
 
     def __enter__(self) -> TimelineSampler:
         self._thread.start()

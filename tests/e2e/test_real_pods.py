@@ -141,7 +141,10 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
             )
             raise AssertionError(f"api not holding {4 * new_capacity} connections:\n{backends}")
 
-    assert len(timeline.samples) > 20
+    # The sampler ran through it all (a failed sample is kept, with psql's error).
+    assert len(timeline.samples) > 20, sampler.errors
+    if sampler.errors:
+        print(f"\n{len(sampler.errors)} samples failed: {sampler.errors[:3]}")
     assert timeline.peak_total() > 4 * new_capacity
     seen = [(round(t, 1), counts["api"]) for t, counts in timeline.samples]
     print(f"\npeak {timeline.peak_total()} connections; the budget's peak "
