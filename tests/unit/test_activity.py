@@ -26,6 +26,7 @@ from poolbudget.domain.activity import (
 )
 from poolbudget.domain.facts import DatabaseFacts, DeploymentFacts
 from poolbudget.domain.planning import plan_for
+from poolbudget.domain.watch import health_observation
 
 DEFAULTS = SignalSettings()
 TARGETS = (
@@ -187,6 +188,10 @@ def test_a_target_rolling_out_is_not_judged_over_its_allocation() -> None:
     assert during.targets[0].live.total == 25  # still counted, and shown
     assert during.targets[0].over_allocation == 0
     assert evaluate_signals(during, SignalState(), DEFAULTS).raised_now == ()
+
+    healthy = health_observation(during, SignalState(), None)
+    assert healthy.status is True
+    assert "but api, rolling out (not judged until its old pods are gone)" in healthy.message
 
     after = budget_usage(rows, TARGETS, 100)
     assert after.targets[0].over_allocation == 5

@@ -84,10 +84,17 @@ def health_observation(
             message="; ".join([f"{s.kind.value}: {s.message}" for s in raised] + notes),
         )
     assert usage is not None  # no reading and nothing raised returned above
+    rolling = [name for t in usage.targets if t.rolling_out for name in t.deployment_names]
+    allocations = "every target within its allocation"
+    if rolling:  # their old pods hold the old pools, as the rollout planned
+        allocations = (
+            f"every target within its allocation but {', '.join(rolling)}, rolling out "
+            "(not judged until its old pods are gone)"
+        )
     summary = (
         f"{usage.in_use} of {usage.usable} usable connections in use, "
-        f"{usage.unbudgeted_connections} of them by clients of no target; every target "
-        f"within its allocation; {usage.lock_waits} lock waits; no transaction left open"
+        f"{usage.unbudgeted_connections} of them by clients of no target; {allocations}; "
+        f"{usage.lock_waits} lock waits; no transaction left open"
     )
     return Observation(
         type=ConditionType.DATABASE_HEALTHY,
