@@ -46,6 +46,7 @@ from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.conditions import (
     ConditionType,
     Observation,
+    feeds_ready,
     merge_conditions,
     rfc3339,
     summarize_ready,
@@ -759,12 +760,7 @@ class Reconciler:
         status = {k: v for k, v in previous.items() if k != "conditions"}
         if not any(o.type is ConditionType.READY for o in observations):
             failing = next(
-                (
-                    o
-                    for o in observations
-                    if o.status is not True and o.type is not ConditionType.DATABASE_HEALTHY
-                ),
-                None,
+                (o for o in observations if feeds_ready(o) and o.status is not True), None
             )
             if failing is not None:
                 observations = [

@@ -75,11 +75,17 @@ def merge_conditions(
     return sorted(merged.values(), key=lambda c: (order.get(c["type"], len(order)), c["type"]))
 
 
+def feeds_ready(observation: Observation) -> bool:
+    """Whether a condition counts for Ready: every one but Ready itself and DatabaseHealthy,
+    which reports the database's load, not the plan."""
+    return observation.type not in (ConditionType.READY, ConditionType.DATABASE_HEALTHY)
+
+
 def summarize_ready(observations: Sequence[Observation]) -> Observation:
-    """Ready is True only when every other condition is; otherwise the first failure says why.
-    DatabaseHealthy is not one of them: it reports the database's load, not the plan."""
+    """Ready is True only when every condition that feeds it is; otherwise the first
+    failure says why."""
     for observation in observations:
-        if observation.type in (ConditionType.READY, ConditionType.DATABASE_HEALTHY):
+        if not feeds_ready(observation):
             continue
         if observation.status is not True:
             return Observation(
