@@ -107,17 +107,19 @@ def forget_budget(namespace: str, name: str) -> None:
         gauge.remove(namespace, name) if _has(gauge, namespace, name) else None
     for gauge in (HEADROOM, FEASIBLE):
         gauge.remove(namespace, name) if _has(gauge, namespace, name) else None
-    for target_gauge in (POOL_SIZE, MAX_OVERFLOW, TARGET_PEAK):
-        for labels in list(target_gauge._metrics):  # prometheus_client keeps label tuples here
-            if labels[:2] == (namespace, name):
-                target_gauge.remove(*labels)
+    _forget_series((POOL_SIZE, MAX_OVERFLOW, TARGET_PEAK), namespace, name)
     forget_watch(namespace, name)
 
 
 def forget_watch(namespace: str, name: str) -> None:
     """Drop a budget's database-watch series (deleted, or its watch turned off)."""
-    for gauge in (UNBUDGETED, SIGNALS, TARGET_LIVE):
-        for labels in list(gauge._metrics):
+    _forget_series((UNBUDGETED, SIGNALS, TARGET_LIVE), namespace, name)
+
+
+def _forget_series(gauges: tuple[Gauge, ...], namespace: str, name: str) -> None:
+    """Every series of these gauges labelled with this budget, whatever their other labels."""
+    for gauge in gauges:
+        for labels in list(gauge._metrics):  # prometheus_client keeps label tuples here
             if labels[:2] == (namespace, name):
                 gauge.remove(*labels)
 
