@@ -181,13 +181,14 @@ class BudgetUsage(Frozen):
     partial_visibility: bool
 
     @property
+    def everyone(self) -> tuple[StateCounts, ...]:
+        """The counts of every client: targets, unbudgeted clients and the operator."""
+        return (*(a.live for a in (*self.targets, *self.unbudgeted)), self.operator)
+
+    @property
     def in_use(self) -> int:
         """Every client backend: each holds a max_connections slot, whoever it is."""
-        return (
-            sum(t.live.total for t in self.targets)
-            + sum(u.live.total for u in self.unbudgeted)
-            + self.operator.total
-        )
+        return sum(counts.total for counts in self.everyone)
 
     @property
     def unbudgeted_connections(self) -> int:
@@ -195,10 +196,11 @@ class BudgetUsage(Frozen):
 
     @property
     def lock_waits(self) -> int:
-        return (
-            sum(a.live.lock_waits for a in (*self.targets, *self.unbudgeted))
-            + self.operator.lock_waits
-        )
+        return sum(counts.lock_waits for counts in self.everyone)
+
+    @property
+    def stale_transactions(self) -> int:
+        return sum(counts.stale_in_transaction for counts in self.everyone)
 
 
 def budget_usage(

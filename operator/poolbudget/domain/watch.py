@@ -147,10 +147,7 @@ def activity_status(usage: BudgetUsage, observed: datetime) -> dict[str, Any]:
         ],
         "operatorConnections": usage.operator.total,
         "lockWaits": usage.lock_waits,
-        "staleTransactions": sum(
-            a.live.stale_in_transaction for a in (*usage.targets, *usage.unbudgeted)
-        )
-        + usage.operator.stale_in_transaction,
+        "staleTransactions": usage.stale_transactions,
         "visibility": "Partial" if usage.partial_visibility else "Full",
         "observedTime": rfc3339(observed),
     }
