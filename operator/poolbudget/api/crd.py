@@ -257,10 +257,11 @@ def _condition_schema() -> dict[str, Any]:
     }
 
 
-def _live_connections_schema() -> dict[str, Any]:
-    def count(description: str) -> dict[str, Any]:
-        return {**_integer(description), "minimum": 0}
+def _count(description: str) -> dict[str, Any]:
+    return {**_integer(description), "minimum": 0}
 
+
+def _live_connections_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "description": (
@@ -270,21 +271,18 @@ def _live_connections_schema() -> dict[str, Any]:
         ),
         "properties": {
             "applicationName": _string("The application_name the connections carry."),
-            "active": count("Running a query."),
-            "idle": count("Idle in the pool."),
-            "idleInTransaction": count("Idle inside an open transaction."),
-            "unknown": count(
+            "active": _count("Running a query."),
+            "idle": _count("Idle in the pool."),
+            "idleInTransaction": _count("Idle inside an open transaction."),
+            "unknown": _count(
                 "State hidden from the operator's role (another role's session without pg_monitor)."
             ),
-            "total": count("All of them: what counts against peakConnections."),
+            "total": _count("All of them: what counts against peakConnections."),
         },
     }
 
 
 def _activity_schema() -> dict[str, Any]:
-    def count(description: str) -> dict[str, Any]:
-        return {**_integer(description), "minimum": 0}
-
     return {
         "type": "object",
         "description": (
@@ -292,11 +290,11 @@ def _activity_schema() -> dict[str, Any]:
             "every database of the server, since max_connections is one limit for all."
         ),
         "properties": {
-            "connectionsInUse": count(
+            "connectionsInUse": _count(
                 "Client connections open on the server, this budget's or not: compare with "
                 "usableConnections."
             ),
-            "unbudgetedConnections": count(
+            "unbudgetedConnections": _count(
                 "Client connections whose application_name belongs to no target of this "
                 "budget (nor the operator): admin sessions, cron jobs, other budgets' targets."
             ),
@@ -309,15 +307,15 @@ def _activity_schema() -> dict[str, Any]:
                     "description": "One application_name and its connections.",
                     "properties": {
                         "applicationName": _string("application_name; empty if none was set."),
-                        "connections": count("Its connections."),
+                        "connections": _count("Its connections."),
                     },
                 },
             },
-            "operatorConnections": count(
+            "operatorConnections": _count(
                 "The operator's own connections (application_name poolbudget-operator)."
             ),
-            "lockWaits": count("Sessions waiting on a lock."),
-            "staleTransactions": count(
+            "lockWaits": _count("Sessions waiting on a lock."),
+            "staleTransactions": _count(
                 "Sessions idle in transaction for longer than "
                 "spec.database.watch.idleInTransactionWarningSeconds."
             ),
