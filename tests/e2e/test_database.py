@@ -51,14 +51,23 @@ def db_budget(refresh: int = 5) -> dict[str, object]:
     return doc
 
 
+def shop_settled(ns: Cluster, dsn: str, *, refresh: int) -> None:
+    """The Secret, the api Deployment (2 replicas) and the budget, rolled out and Ready."""
+    secret(ns, dsn)
+    ns.apply(deployment("api", 2))
+    ns.apply(db_budget(refresh=refresh))
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
+
+
+def observed_reason(ns: Cluster) -> str:
+    return str((ns.condition("shop", "DatabaseObserved") or {}).get("reason"))
+
+
 def test_limits_come_from_the_database_and_follow_a_restart(
     ns: Cluster, database: tuple[PostgresServer, str]
 ) -> None:
     server, dsn = database
-    secret(ns, dsn)
-    ns.apply(deployment("api", 2))
-    ns.apply(db_budget(refresh=5))
-    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
+    shop_settled(ns, dsn, refresh=5)
     status = ns.status("shop")
     assert status["database"]["maxConnections"] == 60
     assert status["database"]["superuserReservedConnections"] == 3
@@ -84,10 +93,7 @@ def test_wrong_password_and_missing_secret_keep_the_last_good_configmap(
     ns: Cluster, database: tuple[PostgresServer, str], operator_process: OperatorProcess
 ) -> None:
     _, dsn = database
-    secret(ns, dsn)
-    ns.apply(deployment("api", 2))
-    ns.apply(db_budget(refresh=5))
-    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
+    shop_settled(ns, dsn, refresh=5)
     good = ns.configmap("api-db-pool")
     sets = ns.replicasets("api")
 
@@ -142,43 +148,37 @@ def test_database_faults_keep_the_last_good_configmap_and_recover(
     ConfigMap kept and no restart. max_connections lowered and the server restarted: the
     next refresh brings the smaller plan."""
     server, dsn = database
-    secret(ns, dsn)
-    ns.apply(deployment("api", 2))
-    ns.apply(db_budget(refresh=5))
-    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
+    shop_settled(ns, dsn, refresh=5)
     good, sets = ns.configmap("api-db-pool"), ns.replicasets("api")
-
-    def observed_reason() -> str:
-        return str((ns.condition("shop", "DatabaseObserved") or {}).get("reason"))
 
     def kept() -> None:
         assert ns.configmap("api-db-pool") == good
         assert ns.replicasets("api") == sets
 
     server.ctl("stop")
-    wait_for(lambda: observed_reason() not in ("Probed", "None"), timeout=15,
+    wait_for(lambda: observed_reason(ns) not in ("Probed", "None"), timeout=15,
              what="the stopped server reported")  # fmt: skip
     kept()
     server.ctl("start")
-    wait_for(lambda: observed_reason() == "Probed", timeout=15, what="recovered")
+    wait_for(lambda: observed_reason(ns) == "Probed", timeout=15, what="recovered")
 
     # The open connection stays authenticated; the operator's next login (its connection
     # lifetime is 5 s here) is refused.
     server.sql("ALTER ROLE monitor PASSWORD 'rotated-on-the-server-9913'")
     changed = time.monotonic()
-    wait_for(lambda: observed_reason() == "AuthenticationFailed", timeout=20,
+    wait_for(lambda: observed_reason(ns) == "AuthenticationFailed", timeout=20,
              what="the changed password reported without a server restart")  # fmt: skip
     noticed = time.monotonic() - changed
     kept()
     secret(ns, dsn.replace(PASSWORD, "rotated-on-the-server-9913"))
-    wait_for(lambda: observed_reason() == "Probed", timeout=15, what="the new password used")
+    wait_for(lambda: observed_reason(ns) == "Probed", timeout=15, what="the new password used")
 
     secret(ns, "postgresql://this is not a dsn")
-    wait_for(lambda: observed_reason() not in ("Probed", "None"), timeout=15,
+    wait_for(lambda: observed_reason(ns) not in ("Probed", "None"), timeout=15,
              what="the garbage DSN reported")  # fmt: skip
     kept()
     secret(ns, dsn.replace(PASSWORD, "rotated-on-the-server-9913"))
-    wait_for(lambda: observed_reason() == "Probed", timeout=15, what="the DSN fixed")
+    wait_for(lambda: observed_reason(ns) == "Probed", timeout=15, what="the DSN fixed")
 
     # 54 - 3 - 2 - 10 = 39 usable for 6 workers: floor(39 / 6) - 5 = 1 (was 2 at 60).
     server.restart({"max_connections": "54"})
@@ -198,18 +198,12 @@ def test_a_changed_secret_is_used_within_seconds_not_at_the_next_refresh(
     resourceVersion every --secret-check-seconds, 1 s here, with `get` only) and the new
     DSN is used: a wrong password is reported, the right one again recovers."""
     _, dsn = database
-    secret(ns, dsn)
-    ns.apply(deployment("api", 2))
-    ns.apply(db_budget(refresh=300))
-    wait_for(lambda: ns.settled("shop"), timeout=60, what="PoolBudget shop Ready")
+    shop_settled(ns, dsn, refresh=300)
     good, sets = ns.configmap("api-db-pool"), ns.replicasets("api")
-
-    def observed_reason() -> str:
-        return str((ns.condition("shop", "DatabaseObserved") or {}).get("reason"))
 
     secret(ns, dsn.replace(PASSWORD, "not-the-password-5521"))
     changed = time.monotonic()
-    wait_for(lambda: observed_reason() == "AuthenticationFailed", timeout=15,
+    wait_for(lambda: observed_reason(ns) == "AuthenticationFailed", timeout=15,
              what="the changed Secret used before the next refresh")  # fmt: skip
     to_failed = time.monotonic() - changed
     assert ns.configmap("api-db-pool") == good  # the last good settings stay
@@ -217,7 +211,7 @@ def test_a_changed_secret_is_used_within_seconds_not_at_the_next_refresh(
 
     secret(ns, dsn)
     changed = time.monotonic()
-    wait_for(lambda: observed_reason() == "Probed", timeout=15, what="the fixed Secret used")
+    wait_for(lambda: observed_reason(ns) == "Probed", timeout=15, what="the fixed Secret used")
     to_fixed = time.monotonic() - changed
     print(f"\nSecret changed: wrong password reported after {to_failed:.1f} s, "
           f"the fix after {to_fixed:.1f} s (refreshSeconds 300)")  # fmt: skip
