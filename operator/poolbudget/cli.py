@@ -186,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         "budget when it changed (a GET per Secret: no list or watch on Secrets is needed); "
         "0: only at the budget's refreshSeconds; default: %(default)s",
     )
+    run.add_argument(
+        "--informer-stall-seconds",
+        type=_positive,
+        default=600,
+        metavar="SECONDS",
+        help="fail the liveness probe (/healthz) when an informer has completed no list and "
+        "received no watch event, bookmark or stream end for this long; keep it above the "
+        "300 s watch re-open period; default: %(default)s",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -298,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return run_plan(args)
-        # Imported here: the operator's dependencies (kopf, lightkube, asyncpg) are an
+        # Imported here: the operator's dependencies (kopf, kubernetes, asyncpg) are an
         # extra, and `poolbudget plan` must work without them.
         from poolbudget.operator import run_operator
 
@@ -312,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             priority=args.priority,
             database_connection_lifetime=args.database_connection_lifetime,
             secret_check_seconds=args.secret_check_seconds,
+            informer_stall_seconds=args.informer_stall_seconds,
             verbose=args.verbose,
         )
     except UsageError as exc:

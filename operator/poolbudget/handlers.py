@@ -27,17 +27,20 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import kopf
+from kubernetes.aio.client import Configuration
 
 from poolbudget import metrics
+from poolbudget.adapters import credentials
+from poolbudget.adapters.apiclient import close_client
 from poolbudget.adapters.health import HealthServer, ProbeResult
 from poolbudget.adapters.informer import (
+    WATCH_SECONDS,
     DeploymentResource,
     HpaResource,
     Informer,
@@ -57,6 +60,12 @@ logger = logging.getLogger("poolbudget")
 # A ClusterView method: records one change, returns the budgets to wake.
 ViewUpdate = Callable[[Key, Any, Any], set[Key]]
 
+# Liveness fails when an informer has made no progress (a list completed, a watch stream
+# ended by the server, an event or a bookmark) for this long. The API server ends every
+# watch after WATCH_SECONDS (300 s), so an idle but healthy informer progresses at least
+# that often; twice that leaves a slow relist and a re-open room without false restarts.
+INFORMER_STALL_SECONDS = 600.0
+
 
 @dataclass
 class Runtime:
@@ -64,6 +73,9 @@ class Runtime:
 
     kube: KubeGateway
     reconciler: Reconciler
+    configuration: Configuration | None = None  # credentials for the informers' clients
+    informer_stall_seconds: float = INFORMER_STALL_SECONDS
+    watch_seconds: float = WATCH_SECONDS  # how often the informers' watches are re-opened
     view: ClusterView = field(default_factory=ClusterView)
     informers: list[Informer[Any]] = field(default_factory=list)
     informer_tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -90,8 +102,9 @@ class Runtime:
             (PoolBudgetResource, "PoolBudget", budget_claims, view.claims_changed),
         ]
         scopes: list[str | None] = list(namespaces) or [None]
+        assert self.configuration is not None, "the informers need credentials"
         for namespace in scopes:
-            client = watch_client()
+            client = watch_client(self.configuration)
             self.watch_clients.append(client)
             for resource, kind, parse, update in kinds:
                 informer: Informer[Any] = Informer(
@@ -101,6 +114,7 @@ class Runtime:
                     namespace=namespace,
                     parse=parse,
                     on_change=self._waking(update),
+                    watch_seconds=self.watch_seconds,
                 )
                 self.informers.append(informer)
         self.informer_tasks = [
@@ -173,28 +187,25 @@ def _runtime(memo: kopf.Memo) -> Runtime:
     return runtime
 
 
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-
-
 @kopf.on.login()
-async def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod: the API server at KUBERNETES_SERVICE_HOST:PORT with the mounted token, as
-    client-go and our own client (lightkube) find it. Kopf's built-in service-account login
-    asks DNS for kubernetes.default.svc instead, which a cluster without DNS cannot
-    answer, and would split the operator between two endpoints. Elsewhere: the kubeconfig."""
-    host, port = (
-        os.environ.get("KUBERNETES_SERVICE_HOST"),
-        os.environ.get("KUBERNETES_SERVICE_PORT"),
-    )
-    token_file = SERVICE_ACCOUNT / "token"
-    if not (host and port and token_file.exists()):
-        return kopf.login_with_kubeconfig(settings=settings, **kwargs)
-    namespace_file, ca_file = SERVICE_ACCOUNT / "namespace", SERVICE_ACCOUNT / "ca.crt"
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    """Kopf connects as our own clients do: the same Configuration (adapters/credentials.py)
+    converted. In a pod that is the API server at KUBERNETES_SERVICE_HOST:PORT (IPv6 in
+    brackets) with the mounted token, as client-go finds it; Kopf's built-in service-account
+    login asks DNS for kubernetes.default.svc instead, which a cluster without DNS cannot
+    answer, and would split the operator between two endpoints. Elsewhere: the kubeconfig.
+    Kopf logs in again after a 401, which reads the rotated token afresh."""
+    configuration = await credentials.load_configuration()
+    ca_data = configuration.ca_cert_data
     return kopf.ConnectionInfo(
-        server=f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}",
-        ca_path=str(ca_file) if ca_file.exists() else None,
-        token=token_file.read_text().strip(),  # read again on every re-login: it rotates
-        default_namespace=namespace_file.read_text().strip() if namespace_file.exists() else None,
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        ca_data=ca_data.encode() if isinstance(ca_data, str) else ca_data,
+        insecure=True if not configuration.verify_ssl else None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        token=await credentials.bearer_token(configuration),
+        default_namespace=credentials.pod_namespace(),
     )
 
 
@@ -212,7 +223,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Retry failed API calls within 2 s at most (Kopf's default backoffs grow to 21 s, so
     # after a long API outage Kopf's own watch came back seconds after the API server).
     settings.networking.error_backoffs = (0.5, 1, 2, 2, 2, 2, 2, 2, 2, 2)
-    kube = KubeGateway()
+    configuration = await credentials.load_configuration()
+    kube = KubeGateway(configuration)
     elector = memo.get("elector")
     if isinstance(elector, LeaderElector):
         # Renew the Lease on this loop: lightkube must not run in a second thread.
@@ -222,7 +234,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     def prober(dsn: str) -> DatabaseProbe:
         return DatabaseProbe(dsn, max_lifetime=float(lifetime))
 
-    runtime = Runtime(kube=kube, reconciler=Reconciler(kube=kube, prober_factory=prober))
+    runtime = Runtime(
+        kube=kube,
+        reconciler=Reconciler(kube=kube, prober_factory=prober),
+        configuration=configuration,
+        informer_stall_seconds=float(memo.get("informer_stall_seconds", INFORMER_STALL_SECONDS)),
+    )
     namespaces = memo.get("namespaces")
     runtime.start_informers(list(namespaces) if isinstance(namespaces, list) else [])
     memo["runtime"] = runtime
@@ -256,19 +273,26 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
     await asyncio.gather(*runtime.informer_tasks, return_exceptions=True)
     for client in runtime.watch_clients:
-        await client.close()
+        await close_client(client)
     await runtime.kube.close()
 
 
 def informer_states(runtime: Runtime) -> dict[str, int | str]:
-    """Per informer: the objects it holds once listed, else what it is doing."""
+    """Per informer: the objects it holds once listed, else what is wrong or going on."""
     states: dict[str, int | str] = {}
+    now = time.monotonic()
     for informer, task in zip(runtime.informers, runtime.informer_tasks, strict=True):
         name = f"{informer.kind} ({informer.scope})"
+        problems = []
+        stalled = informer.stalled_for(now)
+        if stalled > runtime.informer_stall_seconds:
+            problems.append(f"stalled: no list or watch progress for {stalled:.0f} s")
+        if informer.failing is not None:
+            problems.append(f"failing: {informer.failing}")
         if task.done():
             states[name] = "stopped"
-        elif informer.failing is not None:
-            states[name] = f"failing: {informer.failing}"
+        elif problems:
+            states[name] = "; ".join(problems)
         elif not informer.synced.is_set():
             states[name] = "listing"
         else:
@@ -277,11 +301,17 @@ def informer_states(runtime: Runtime) -> dict[str, int | str]:
 
 
 def liveness(runtime: Runtime) -> ProbeResult:
-    """Fails when an informer task has ended: the operator is blind to changes, and a
-    restart is the cure. (Not when one cannot list: that is readiness, see below.)"""
+    """Fails when an informer task has ended, or has made no progress for longer than
+    `informer_stall_seconds` (a watch that died silently, a list that cannot succeed):
+    the operator is blind to changes, and a restart is the cure (or, for a missing RBAC
+    rule, the CrashLoopBackOff that makes it visible). A failing list alone is readiness."""
     states = informer_states(runtime)
     report = {"budgets": len(runtime.memories), "informers": states}
-    return ProbeResult(ok="stopped" not in states.values(), report=report)
+    alive = all(
+        not (isinstance(state, str) and (state == "stopped" or state.startswith("stalled")))
+        for state in states.values()
+    )
+    return ProbeResult(ok=alive, report=report)
 
 
 def readiness(runtime: Runtime) -> ProbeResult:

@@ -12,6 +12,12 @@ API_WRITES = Counter(
     "Writes this operator sent to the Kubernetes API, by kind of write and namespace.",
     ["kind", "namespace"],
 )
+API_WRITES_REFUSED = Counter(
+    "poolbudget_api_writes_refused_total",
+    "Writes not sent because this replica may not write (reason NotLeader: it does not "
+    "hold the leader Lease), by kind of write.",
+    ["kind", "reason"],
+)
 RECONCILES = Counter(
     "poolbudget_reconciles_total",
     "PoolBudget reconciles, by outcome.",

@@ -26,13 +26,14 @@ def run_operator(
     verbose: bool,
     database_connection_lifetime: float = 300.0,
     secret_check_seconds: float = 10.0,
+    informer_stall_seconds: float = 600.0,
 ) -> int:
     assert handlers.budget_changed is not None  # importing the module registered the handlers
     kopf.configure(verbose=verbose, log_prefix=True)
     # One line per HTTP request and per handled watch event is noise at INFO; our own
     # reconcile summary lines (logger "poolbudget.reconcile") say what happened.
     quiet = logging.DEBUG if verbose else logging.WARNING
-    for noisy in ("httpx2", "httpx", "kopf.objects", "aiohttp.access"):
+    for noisy in ("kubernetes.aio", "kopf.objects", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(quiet)
     if metrics_port:
         start_http_server(metrics_port, addr=bind_address)
@@ -63,6 +64,7 @@ def run_operator(
                 health=health,
                 database_connection_lifetime=database_connection_lifetime,
                 secret_check_seconds=secret_check_seconds,
+                informer_stall_seconds=informer_stall_seconds,
             ),
         )
     finally:

@@ -7,10 +7,12 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from lightkube import AsyncClient, KubeConfig
+from kubernetes.aio.client import ApiClient
 
 from devtools.localcluster import LocalCluster
-from poolbudget.adapters.informer import DeploymentResource, Informer
+from poolbudget.adapters.apiclient import close_client
+from poolbudget.adapters.credentials import load_configuration
+from poolbudget.adapters.informer import DeploymentResource, Informer, watch_client
 from poolbudget.domain.cluster_view import Key
 from poolbudget.domain.observe import DeploymentState, deployment_state
 from tests.e2e.support import deployment
@@ -21,10 +23,10 @@ Change = tuple[Key, int | None, int | None]  # (key, replicas before, replicas a
 
 
 @pytest.fixture
-async def client(local_cluster: LocalCluster) -> AsyncIterator[AsyncClient]:
-    api = AsyncClient(config=KubeConfig.from_file(local_cluster.kubeconfig))
+async def client(local_cluster: LocalCluster) -> AsyncIterator[ApiClient]:
+    api = watch_client(await load_configuration(kubeconfig=str(local_cluster.kubeconfig)))
     yield api
-    await api.close()
+    await close_client(api)
 
 
 class Recorder:
@@ -56,7 +58,7 @@ def _replicas(view: DeploymentState | None) -> int | None:
 
 
 def informer(
-    client: AsyncClient, namespace: str, recorder: Recorder, **kwargs: float
+    client: ApiClient, namespace: str, recorder: Recorder, **kwargs: float
 ) -> Informer[DeploymentState]:
     return Informer(
         client,
@@ -70,7 +72,7 @@ def informer(
 
 
 async def test_lists_then_follows_changes_across_watch_reopens(
-    local_cluster: LocalCluster, kube_namespace: str, client: AsyncClient
+    local_cluster: LocalCluster, kube_namespace: str, client: ApiClient
 ) -> None:
     ns = kube_namespace
     apply = ["apply", "--namespace", ns, "--filename", "-"]
@@ -130,7 +132,7 @@ async def test_lists_then_follows_changes_across_watch_reopens(
 
 
 async def test_a_relist_reports_exactly_what_changed_while_it_was_not_watching(
-    local_cluster: LocalCluster, kube_namespace: str, client: AsyncClient
+    local_cluster: LocalCluster, kube_namespace: str, client: ApiClient
 ) -> None:
     ns = kube_namespace
     apply = ["apply", "--namespace", ns, "--filename", "-"]

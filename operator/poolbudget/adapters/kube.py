@@ -1,9 +1,15 @@
-"""Kubernetes reads and writes the reconciler needs, over lightkube's async client.
+"""Kubernetes reads and writes the reconciler needs, over `kubernetes.aio` (the official
+client's asyncio flavour, on aiohttp like Kopf).
 
 Only I/O lives here: every method does one API call (or one retried call) and translates
 API errors into the small set of exceptions the reconciler understands. Each write is
 counted in the `poolbudget_api_writes_total` metric, which is how tests prove that a
 no-op reconcile writes nothing.
+
+Responses are read as raw JSON (the `*_without_preload_content` calls), never as the
+generated models: a patched Deployment comes back whole, and modelling it to throw it away
+costs more than the request. Request bodies are plain dicts, except the Event, whose call
+only takes the model.
 """
 
 from __future__ import annotations
@@ -11,31 +17,54 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx2
-from lightkube import ApiError, AsyncClient
-from lightkube.generic_resource import create_namespaced_resource
-from lightkube.models.core_v1 import EventSource, ObjectReference
-from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import ConfigMap, Event, Secret
-from lightkube.types import PatchType
+import aiohttp
+from kubernetes.aio.client import (
+    AppsV1Api,
+    Configuration,
+    CoreV1Api,
+    CoreV1Event,
+    CustomObjectsApi,
+    V1EventSource,
+    V1ObjectMeta,
+    V1ObjectReference,
+)
+from kubernetes.aio.client.exceptions import ApiException
 
 from poolbudget import metrics
+from poolbudget.adapters.apiclient import (
+    TRANSPORT_ERRORS,
+    Resource,
+    api_client,
+    close_client,
+    read_json,
+)
 from poolbudget.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 FIELD_MANAGER = "poolbudget-operator"
 CONFLICT_RETRIES = 5
-# Requests in flight at once. Hundreds of budgets reconciling together (a restart) would
-# otherwise fire thousands of requests at httpx's pool of 100 connections, and those that
-# wait more than its 10 s pool timeout fail (seen at 500 budgets: 1,327 failed reconciles).
-# Queued here, they only wait; below the pool size, the pool never times out.
+# Requests in flight at once, and the size of the gateway's connection pool (aiohttp's
+# TCPConnector `limit`). aiohttp queues a request beyond the limit until a connection is
+# free, and that wait counts against the request's own timeout: hundreds of budgets
+# reconciling together (a restart) would fire thousands of requests, and those queued
+# longest would time out without ever being sent (seen with httpx's pool at 500 budgets:
+# 1,327 failed reconciles). Queued on this semaphore instead, they only wait; with the
+# pool exactly as large, a request that holds the semaphore always finds a connection, so
+# its timeout measures the API call alone.
 MAX_IN_FLIGHT = 32
+# Client-side bound on one request, connecting included (aiohttp's `total`). For a write
+# it also bounds how late a write can land: one stuck behind a dead connection must not
+# reach the API server long after this replica stopped being allowed to write (leader
+# election plugs in through `may_write`). Reads get the same bound.
+REQUEST_TIMEOUT_SECONDS = 10.0
 
-PoolBudgetResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
+PoolBudgetResource = Resource(GROUP, VERSION, PLURAL)
+MERGE_PATCH = "application/merge-patch+json"
+APPLY = "application/apply-patch+yaml"  # a JSON body is valid YAML
 
 
 class KubeError(Exception):
@@ -48,6 +77,10 @@ class NotFoundError(KubeError):
 
 class SecretKeyMissingError(KubeError):
     """The Secret exists but has no such key (or it is not valid base64 / UTF-8)."""
+
+
+class NotLeaderError(KubeError):
+    """A write refused before it was sent: this replica may not write (`may_write`)."""
 
 
 @dataclass(frozen=True)
@@ -66,40 +99,59 @@ class BudgetRef:
     uid: str
 
 
-def _translate(exc: ApiError, what: str) -> KubeError:
-    code = exc.status.code
-    if code == 404:
+def _translate(exc: ApiException, what: str) -> KubeError:
+    if exc.status == 404:
         return NotFoundError(f"{what} not found")
-    return KubeError(f"{what}: API error {code} {exc.status.reason}: {exc.status.message}")
+    return KubeError(f"{what}: API error {exc.status} {exc.reason}: {exc.body}")
+
+
+Call = Callable[[], Awaitable[aiohttp.ClientResponse]]
 
 
 class KubeGateway:
-    """The operator's Kubernetes access. Construct once per process (see handlers.py)."""
+    """The operator's Kubernetes access. Construct once per process (see handlers.py).
 
-    def __init__(self, client: AsyncClient | None = None) -> None:
-        self._client = client or AsyncClient(field_manager=FIELD_MANAGER)
+    `may_write`, when given, is asked before every write (each retry included); when it
+    says no, the write is not sent: NotLeaderError, counted in
+    `poolbudget_api_writes_refused_total`. Leader election plugs in here.
+    """
+
+    def __init__(
+        self,
+        configuration: Configuration,
+        *,
+        may_write: Callable[[], bool] | None = None,
+        timeout: float = REQUEST_TIMEOUT_SECONDS,
+    ) -> None:
+        self._client = api_client(configuration, MAX_IN_FLIGHT)
+        self._core = CoreV1Api(self._client)
+        self._apps = AppsV1Api(self._client)
+        self._custom = CustomObjectsApi(self._client)
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._may_write = may_write
+        self._timeout = float(timeout)  # the generated calls take a StrictFloat, not an int
 
     async def close(self) -> None:
-        await self._client.close()
+        await close_client(self._client)
 
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str:
         what = f"Secret {namespace}/{name}"
-        try:
-            async with self._in_flight:
-                secret = await self._client.get(Secret, name, namespace=namespace)
-        except ApiError as exc:
-            raise _translate(exc, what) from None
-        except httpx2.HTTPError as exc:
-            raise KubeError(f"{what}: {type(exc).__name__}") from None
-        raw = (secret.data or {}).get(key)
+        secret = await self._get(
+            what,
+            lambda: self._core.read_namespaced_secret_without_preload_content(
+                name=name, namespace=namespace, _request_timeout=self._timeout
+            ),
+        )
+        if secret is None:
+            raise NotFoundError(f"{what} not found")
+        raw = (secret.get("data") or {}).get(key)
         if raw is None:
-            plain = (secret.stringData or {}).get(key)  # only set on freshly applied objects
+            plain = (secret.get("stringData") or {}).get(key)  # only on freshly applied objects
             if plain is not None:
                 return str(plain)
             raise SecretKeyMissingError(f"{what} has no key {key!r}")
         try:
-            return base64.b64decode(raw, validate=True).decode()
+            return base64.b64decode(str(raw), validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
             # Never include the value: it is a credential.
             raise SecretKeyMissingError(f"{what} key {key!r} is not valid base64 UTF-8") from None
@@ -107,38 +159,59 @@ class KubeGateway:
     async def secret_version(self, namespace: str, name: str) -> str | None:
         """The Secret's resourceVersion (it changes with any write), None if it does not
         exist. Needs only `get` on Secrets; the value is read but never kept."""
-        secret = await self._get_or_none(Secret, namespace, name)
+        secret = await self._get(
+            f"Secret {namespace}/{name}",
+            lambda: self._core.read_namespaced_secret_without_preload_content(
+                name=name, namespace=namespace, _request_timeout=self._timeout
+            ),
+        )
         if secret is None:
             return None
-        return str((secret.metadata or ObjectMeta()).resourceVersion or "")
+        return str((secret.get("metadata") or {}).get("resourceVersion") or "")
 
-    async def _get_or_none(self, resource: Any, namespace: str, name: str) -> Any | None:
-        """One object by name; None if it does not exist, KubeError on any other failure."""
-        what = f"{resource.__name__} {namespace}/{name}"
+    async def _get(self, what: str, call: Call) -> dict[str, Any] | None:
+        """One object as raw JSON; None if it does not exist, KubeError on any other
+        failure."""
         try:
             async with self._in_flight:
-                return await self._client.get(resource, name, namespace=namespace)
-        except ApiError as exc:
-            if exc.status.code == 404:
+                return await read_json(await call())
+        except ApiException as exc:
+            if exc.status == 404:
                 return None
             raise _translate(exc, what) from None
-        except httpx2.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise KubeError(f"{what}: {type(exc).__name__}") from None
 
     async def read_configmap(self, namespace: str, name: str) -> ConfigMapView | None:
-        configmap = await self._get_or_none(ConfigMap, namespace, name)
+        configmap = await self._get(
+            f"ConfigMap {namespace}/{name}",
+            lambda: self._core.read_namespaced_config_map_without_preload_content(
+                name=name, namespace=namespace, _request_timeout=self._timeout
+            ),
+        )
         if configmap is None:
             return None
-        metadata = configmap.metadata or ObjectMeta()
+        metadata = configmap.get("metadata") or {}
         return ConfigMapView(
-            data=dict(configmap.data or {}),
-            labels=dict(metadata.labels or {}),
-            annotations=dict(metadata.annotations or {}),
+            data=dict(configmap.get("data") or {}),
+            labels=dict(metadata.get("labels") or {}),
+            annotations=dict(metadata.get("annotations") or {}),
         )
 
     async def budget_exists(self, namespace: str, name: str) -> bool:
         """Whether a PoolBudget of that name exists (to adopt ConfigMaps it left behind)."""
-        return await self._get_or_none(PoolBudgetResource, namespace, name) is not None
+        budget = await self._get(
+            f"PoolBudget {namespace}/{name}",
+            lambda: self._custom.get_namespaced_custom_object_without_preload_content(
+                group=GROUP,
+                version=VERSION,
+                namespace=namespace,
+                plural=PLURAL,
+                name=name,
+                _request_timeout=self._timeout,
+            ),
+        )
+        return budget is not None
 
     async def apply_configmap(
         self,
@@ -149,17 +222,30 @@ class KubeGateway:
         annotations: dict[str, str],
     ) -> None:
         """Server-side apply; no ownerReference, so deleting the budget leaves it in place."""
-        configmap = ConfigMap(
-            metadata=ObjectMeta(
-                name=name, namespace=namespace, labels=labels, annotations=annotations
-            ),
-            data=data,
-        )
+        configmap = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels,
+                "annotations": annotations,
+            },
+            "data": data,
+        }
         await self._write(
             "configmap",
             namespace,
             f"ConfigMap {namespace}/{name}",
-            lambda: self._client.apply(configmap, field_manager=FIELD_MANAGER, force=True),
+            lambda: self._core.patch_namespaced_config_map_without_preload_content(
+                name=name,
+                namespace=namespace,
+                body=configmap,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type=APPLY,
+                _request_timeout=self._timeout,
+            ),
         )
 
     async def annotate_pod_template(
@@ -171,13 +257,13 @@ class KubeGateway:
             "deployment",
             namespace,
             f"Deployment {namespace}/{deployment}",
-            lambda: self._client.patch(
-                Deployment,
-                deployment,
-                patch,
+            lambda: self._apps.patch_namespaced_deployment_without_preload_content(
+                name=deployment,
                 namespace=namespace,
-                patch_type=PatchType.MERGE,
+                body=patch,
                 field_manager=FIELD_MANAGER,
+                _content_type=MERGE_PATCH,
+                _request_timeout=self._timeout,
             ),
         )
 
@@ -187,23 +273,26 @@ class KubeGateway:
             "status",
             namespace,
             f"PoolBudget {namespace}/{name} status",
-            lambda: self._client.patch(
-                PoolBudgetResource.Status,
-                name,
-                {"status": status},
+            lambda: self._custom.patch_namespaced_custom_object_status_without_preload_content(
+                group=GROUP,
+                version=VERSION,
                 namespace=namespace,
-                patch_type=PatchType.MERGE,
+                plural=PLURAL,
+                name=name,
+                body={"status": status},
                 field_manager=FIELD_MANAGER,
+                _content_type=MERGE_PATCH,
+                _request_timeout=self._timeout,
             ),
         )
 
     async def post_event(self, budget: BudgetRef, type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the PoolBudget, as `kubectl describe pbud` shows them."""
         now = datetime.now(UTC)
-        event = Event(
-            metadata=ObjectMeta(generateName=f"{budget.name}.", namespace=budget.namespace),
-            involvedObject=ObjectReference(
-                apiVersion=API_VERSION,
+        event = CoreV1Event(
+            metadata=V1ObjectMeta(generate_name=f"{budget.name}.", namespace=budget.namespace),
+            involved_object=V1ObjectReference(
+                api_version=API_VERSION,
                 kind=KIND,
                 name=budget.name,
                 namespace=budget.namespace,
@@ -212,32 +301,40 @@ class KubeGateway:
             type=type_,
             reason=reason,
             message=message[:1024],
-            source=EventSource(component=FIELD_MANAGER),
-            reportingComponent=FIELD_MANAGER,
-            reportingInstance=FIELD_MANAGER,
-            firstTimestamp=now,
-            lastTimestamp=now,
+            source=V1EventSource(component=FIELD_MANAGER),
+            reporting_component=FIELD_MANAGER,
+            reporting_instance=FIELD_MANAGER,
+            first_timestamp=now,
+            last_timestamp=now,
             count=1,
         )
         await self._write(
             "event",
             budget.namespace,
             f"Event on PoolBudget {budget.namespace}/{budget.name}",
-            lambda: self._client.create(event),
+            lambda: self._core.create_namespaced_event_without_preload_content(
+                namespace=budget.namespace, body=event, _request_timeout=self._timeout
+            ),
         )
 
-    async def _write(self, kind: str, namespace: str, what: str, call: Any) -> None:
-        """Run one write; retry conflicts (409) with a short backoff, nothing else blindly."""
+    async def _write(self, kind: str, namespace: str, what: str, call: Call) -> None:
+        """Run one write; retry conflicts (409) with a short backoff, nothing else blindly.
+        Each attempt asks `may_write` first, and is bounded by the request timeout."""
         for attempt in range(CONFLICT_RETRIES):
-            metrics.API_WRITES.labels(kind=kind, namespace=namespace).inc()
             try:
                 async with self._in_flight:
-                    await call()
+                    # Asked once a request slot is ours, right before sending: a write
+                    # that queued behind others must not go out on a stale answer.
+                    if self._may_write is not None and not self._may_write():
+                        metrics.API_WRITES_REFUSED.labels(kind=kind, reason="NotLeader").inc()
+                        raise NotLeaderError(f"{what}: not sent, this replica may not write")
+                    metrics.API_WRITES.labels(kind=kind, namespace=namespace).inc()
+                    await read_json(await call())
                 return
-            except ApiError as exc:
-                if exc.status.code == 409 and attempt + 1 < CONFLICT_RETRIES:
+            except ApiException as exc:
+                if exc.status == 409 and attempt + 1 < CONFLICT_RETRIES:
                     await asyncio.sleep(0.05 * 2**attempt)
                     continue
                 raise _translate(exc, what) from None
-            except httpx2.HTTPError as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise KubeError(f"{what}: {type(exc).__name__}") from None
