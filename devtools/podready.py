@@ -16,12 +16,14 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
-from lightkube import ApiError, Client, KubeConfig
-from lightkube.resources.core_v1 import Pod
-from lightkube.types import PatchType
+from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import new_client_from_config
 
 
 def _ready_status() -> dict[str, object]:
@@ -33,35 +35,33 @@ def _ready_status() -> dict[str, object]:
     return {"status": {"phase": "Running", "conditions": conditions, "startTime": now}}
 
 
-def mark_ready(client: Client, namespaces: list[str], stop: threading.Event) -> None:
+def mark_ready(api: CoreV1Api, namespaces: list[str], stop: threading.Event) -> None:
     """Poll pods of the namespaces and mark each Pending one Ready, until `stop` is set.
 
-    One thread only: lightkube's decoding is not safe to run from two threads of one
-    process at once (seen here as a segfault inside msgspec), which is also why
-    PodReadier runs this in a child process rather than a thread of the caller.
+    One thread, in a child process (PodReadier): the synchronous client blocks, and the
+    caller is often an asyncio test that must not.
     """
     while not stop.wait(0.2):
         for namespace in namespaces:
             try:
-                pods = list(client.list(Pod, namespace=namespace))
-            except ApiError:
+                pods = api.list_namespaced_pod(namespace=namespace).items
+            except ApiException:
                 continue  # namespace being deleted or API hiccup: try again next round
             for pod in pods:
                 metadata = pod.metadata
-                if metadata is None or metadata.deletionTimestamp is not None:
+                if metadata is None or metadata.deletion_timestamp is not None:
                     continue
                 if pod.status is not None and pod.status.phase == "Running":
                     continue
                 try:
-                    client.patch(
-                        Pod.Status,
-                        str(metadata.name),
-                        _ready_status(),
+                    api.patch_namespaced_pod_status(
+                        name=str(metadata.name),
                         namespace=namespace,
-                        patch_type=PatchType.MERGE,
+                        body=_ready_status(),
+                        _content_type="application/merge-patch+json",
                     )
-                except ApiError as exc:
-                    if exc.status.code not in (404, 409, 422):
+                except ApiException as exc:
+                    if exc.status not in (404, 409, 422):
                         raise
 
 
@@ -97,11 +97,13 @@ def main() -> None:
     args = parser.parse_args()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    client = Client(config=KubeConfig.from_file(args.kubeconfig))
+    # kubernetes.config is not annotated: the cast states what it returns.
+    load = cast(Callable[..., ApiClient], new_client_from_config)
+    client = load(config_file=args.kubeconfig, persist_config=False)
     try:
-        mark_ready(client, args.namespace, stop)
+        mark_ready(CoreV1Api(client), args.namespace, stop)
     finally:
-        client.close()
+        cast(Callable[[], None], client.close)()
 
 
 if __name__ == "__main__":
