@@ -195,7 +195,11 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
     login asks DNS for kubernetes.default.svc instead, which a cluster without DNS cannot
     answer, and would split the operator between two endpoints. Elsewhere: the kubeconfig.
     Kopf logs in again after a 401, which reads the rotated token afresh."""
-    configuration = await credentials.load_configuration()
+    return await connection_info(await credentials.load_configuration())
+
+
+async def connection_info(configuration: Configuration) -> kopf.ConnectionInfo:
+    """Kopf's ConnectionInfo for the server and identity of a kubernetes.aio Configuration."""
     ca_data = configuration.ca_cert_data
     return kopf.ConnectionInfo(
         server=configuration.host,

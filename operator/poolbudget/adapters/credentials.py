@@ -31,8 +31,9 @@ from kubernetes.aio.config.kube_config import load_kube_config
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
-def in_cluster(service_account: Path = SERVICE_ACCOUNT) -> bool:
+def in_cluster(service_account: Path | None = None) -> bool:
     """Running in a pod with a mounted service-account token."""
+    service_account = service_account or SERVICE_ACCOUNT
     return bool(
         os.environ.get("KUBERNETES_SERVICE_HOST")
         and os.environ.get("KUBERNETES_SERVICE_PORT")
@@ -41,11 +42,12 @@ def in_cluster(service_account: Path = SERVICE_ACCOUNT) -> bool:
 
 
 async def load_configuration(
-    *, kubeconfig: str | None = None, service_account: Path = SERVICE_ACCOUNT
+    *, kubeconfig: str | None = None, service_account: Path | None = None
 ) -> Configuration:
     """The service account in a pod, else `kubeconfig` (default: $KUBECONFIG, then
     ~/.kube/config). Raises kubernetes' ConfigException when neither is usable."""
     configuration = Configuration()
+    service_account = service_account or SERVICE_ACCOUNT
     if kubeconfig is None and in_cluster(service_account):
         # Reads the env vars (brackets an IPv6 host), CA and token; installs a
         # refresh_api_key_hook that re-reads the token file every minute.
@@ -65,8 +67,9 @@ async def load_configuration(
     return configuration
 
 
-def pod_namespace(service_account: Path = SERVICE_ACCOUNT) -> str | None:
+def pod_namespace(service_account: Path | None = None) -> str | None:
     """The pod's own namespace, in a pod; None elsewhere."""
+    service_account = service_account or SERVICE_ACCOUNT
     namespace_file = service_account / "namespace"
     if not (in_cluster(service_account) and namespace_file.exists()):
         return None
