@@ -51,6 +51,7 @@ from poolbudget.domain.conditions import (
     rfc3339,
     summarize_ready,
 )
+from poolbudget.domain.events import PendingEvent, aggregate
 from poolbudget.domain.facts import DatabaseFacts, DeploymentFacts
 from poolbudget.domain.observe import DeploymentState
 from poolbudget.domain.planning import (
@@ -197,6 +198,32 @@ class BudgetEventRef:
     uid: str
 
 
+@dataclass
+class EventNotes:
+    """The Events one reconcile will post, noted as it goes and posted together before its
+    status is written: at most one per (type, reason), naming every target concerned
+    (domain/events.py says how they read)."""
+
+    ref: BudgetEventRef
+    pending: list[PendingEvent] = field(default_factory=list)
+
+    def add(
+        self,
+        type_: str,
+        reason: str,
+        message: str,
+        *,
+        subject: str = "",
+        heading: str = "",
+        entry: str = "",
+    ) -> None:
+        self.pending.append(PendingEvent(type_, reason, message, subject, heading, entry))
+
+    def take(self) -> list[PendingEvent]:
+        taken, self.pending = self.pending, []
+        return taken
+
+
 # --- the reconciler ----------------------------------------------------------------------
 
 VOLATILE_DATABASE_FIELDS = ("connectionsInUse", "observedTime")
@@ -215,8 +242,14 @@ class Reconciler:
         self, budget: BudgetObject, observed: Observed, memory: BudgetMemory
     ) -> Outcome:
         started = self.monotonic()
+        events = EventNotes(BudgetEventRef(budget.namespace, budget.name, budget.uid))
         try:
-            outcome = await self._reconcile(budget, observed, memory)
+            outcome = await self._reconcile(budget, observed, memory, events)
+        except Exception:
+            # What was done before the failure is still told (its Events are not posted
+            # again: the next reconcile finds those writes done).
+            await self._post_events(events, best_effort=True)
+            raise
         finally:
             metrics.RECONCILE_SECONDS.observe(max(0.0, self.monotonic() - started))
         return outcome
@@ -228,7 +261,7 @@ class Reconciler:
         for a generation it never applied): Ready=False ReconcileFailed for this generation,
         and one Warning event when it starts failing. Only the exception's type is shown:
         its text may carry anything (a DSN, say); the operator's log has the traceback."""
-        ref = BudgetEventRef(budget.namespace, budget.name, budget.uid)
+        events = EventNotes(BudgetEventRef(budget.namespace, budget.name, budget.uid))
         previous = dict(memory.last_status if memory.last_status is not None else budget.status)
         observation = Observation(
             type=ConditionType.READY,
@@ -238,14 +271,13 @@ class Reconciler:
             "every 10 s; the operator's log says why",
         )
         status = self._status_with(previous, budget, self.clock(), [observation])
-        await self._event_on_change(ref, previous, observation, "Warning")
-        await self._finish(ref, budget, previous, status, None, "failed", memory)
+        self._event_on_change(events, previous, observation, "Warning")
+        await self._finish(events, budget, previous, status, None, "failed", memory)
 
     async def _reconcile(
-        self, budget: BudgetObject, observed: Observed, memory: BudgetMemory
+        self, budget: BudgetObject, observed: Observed, memory: BudgetMemory, events: EventNotes
     ) -> Outcome:
         now = self.clock()
-        ref = BudgetEventRef(budget.namespace, budget.name, budget.uid)
         labels = {"namespace": budget.namespace, "poolbudget": budget.name}
         previous = dict(memory.last_status if memory.last_status is not None else budget.status)
 
@@ -267,7 +299,7 @@ class Reconciler:
                     )
                 ],
             )
-            return await self._finish(ref, budget, previous, status, None, "invalid", memory)
+            return await self._finish(events, budget, previous, status, None, "invalid", memory)
 
         # 1. The database's limits.
         try:
@@ -287,9 +319,9 @@ class Reconciler:
                 f"retry in {backoff:.0f}s",
             )
             status = self._status_with(previous, budget, now, [observation])
-            await self._event_on_change(ref, previous, observation, "Warning")
+            self._event_on_change(events, previous, observation, "Warning")
             return await self._finish(
-                ref, budget, previous, status, backoff, "database-error", memory
+                events, budget, previous, status, backoff, "database-error", memory
             )
         memory.failures = 0
         self._publish_database_metrics(labels, spec, database)
@@ -341,9 +373,9 @@ class Reconciler:
             status = self._status_with(previous, budget, now, [database_observation, infeasible])
             status["database"] = self._database_status(database, plan, now)
             status["verdict"] = plan.verdict.value
-            await self._event_on_change(ref, previous, infeasible, "Warning")
+            self._event_on_change(events, previous, infeasible, "Warning")
             return await self._finish(
-                ref,
+                events,
                 budget,
                 previous,
                 status,
@@ -447,20 +479,26 @@ class Reconciler:
                     managed_labels(budget.name),
                     {ANNOTATION_CONFIG_HASH: config_hash(data)},
                 )
-                await self.kube.post_event(
-                    ref,
+                events.add(
                     "Normal",
                     "ConfigMapUpdated",
                     _configmap_change_message(target, existing[action.name], data, plan),
+                    subject=action.name,
+                    heading="ConfigMaps updated",
+                    entry=_configmap_change_entry(target, existing[action.name], data, plan),
                 )
                 if action.name in adopted:
-                    await self.kube.post_event(
-                        ref,
+                    events.add(
                         "Normal",
                         "ConfigMapAdopted",
                         f"{action.name}: ConfigMap {target.resolved_config_map_name} was "
                         f"written for PoolBudget {adopted[action.name]}, which no longer "
                         "exists; this budget manages it now",
+                        subject=action.name,
+                        heading="ConfigMaps written for PoolBudgets that no longer exist, "
+                        "managed by this budget now",
+                        entry=f"{target.resolved_config_map_name} (PoolBudget "
+                        f"{adopted[action.name]})",
                     )
         for action in rollout.actions:
             target_labels = {**labels, "deployment": action.name}
@@ -471,24 +509,30 @@ class Reconciler:
                 )
                 restarted.add(action.name)
                 metrics.RESTARTS.labels(**target_labels).inc()
-                await self.kube.post_event(
-                    ref,
+                settings = (
+                    f"pool_size {plan.allocation(action.name).pool_size}, max_overflow "
+                    f"{plan.allocation(action.name).max_overflow}"
+                )
+                events.add(
                     "Normal",
                     "RolloutRestarted",
-                    f"Deployment {action.name} restarted to pick up pool_size "
-                    f"{plan.allocation(action.name).pool_size}, max_overflow "
-                    f"{plan.allocation(action.name).max_overflow}",
+                    f"Deployment {action.name} restarted to pick up {settings}",
+                    subject=action.name,
+                    heading="Deployments restarted to pick up their pool settings",
+                    entry=f"{action.name} ({settings})",
                 )
                 if action.name in overwritten:
-                    await self.kube.post_event(
-                        ref,
+                    events.add(
                         "Warning",
                         "ConfigHashOverwritten",
                         f"Deployment {action.name}: another writer changed or removed "
                         f"{ANNOTATION_CONFIG_HASH} on its pod template (settings unchanged); "
-                        "restored it, which restarts the pods. Restores are paced by "
-                        "rollout.minIntervalSeconds; make the other writer leave the "
-                        "annotation alone (server-side apply without it, or ignore it)",
+                        f"restored it, which restarts the pods. {_OVERWRITE_ADVICE}",
+                        subject=action.name,
+                        heading=f"Another writer changed or removed {ANNOTATION_CONFIG_HASH} "
+                        "on these Deployments' pod templates (settings unchanged); restored "
+                        f"it, which restarts their pods. {_OVERWRITE_ADVICE}. Deployments",
+                        entry=action.name,
                     )
             elif by_state[action.name].template_hash == by_state[action.name].desired_hash:
                 metrics.RESTARTS_SKIPPED.labels(**target_labels).inc()
@@ -496,20 +540,28 @@ class Reconciler:
         # 6. Events for targets newly missing or in conflict.
         for name, reason in sorted(conflicts.items()):
             if previous_allocations.get(name, {}).get("state") != "Conflict":
-                await self.kube.post_event(
-                    ref, "Warning", "TargetConflict", f"{name}: {reason}; nothing written for it"
+                events.add(
+                    "Warning",
+                    "TargetConflict",
+                    f"{name}: {reason}; nothing written for it",
+                    subject=name,
+                    heading="Targets with nothing written for them",
+                    entry=f"{name}: {reason}",
                 )
         for action in rollout.actions:
             if (
                 action.phase is TargetPhase.MISSING
                 and previous_allocations.get(action.name, {}).get("state") != "Missing"
             ):
-                await self.kube.post_event(
-                    ref,
+                events.add(
                     "Warning",
                     "DeploymentNotFound",
                     f"Deployment {budget.namespace}/{action.name} not found; "
                     "its ConfigMap is kept current",
+                    subject=action.name,
+                    heading=f"Deployments not found in {budget.namespace}; "
+                    "their ConfigMaps are kept current",
+                    entry=action.name,
                 )
 
         # 7. Status.
@@ -546,7 +598,7 @@ class Reconciler:
             for entry in allocations
             if entry.get("state") in (TargetPhase.ROLLING.value, TargetPhase.PENDING.value)
         }
-        health = await self._watch(ref, spec, plan, memory, labels, now, rolling_out)
+        health = self._watch(events, spec, plan, memory, labels, now, rolling_out)
         status = self._status_with(
             previous, budget, now, [ready, *observations, *([health] if health else [])]
         )
@@ -569,7 +621,7 @@ class Reconciler:
         status["headroom"] = plan.headroom
         status["verdict"] = plan.verdict.value
         if plan.verdict is Verdict.OVERFLOW_REDUCED:
-            await self._event_on_change(ref, previous, feasible, "Warning", reason_changes=True)
+            self._event_on_change(events, previous, feasible, "Warning", reason_changes=True)
 
         next_check = self._seconds_until_database_refresh(spec, memory)
         if any(a.write_configmap or a.restart for a in rollout.actions):
@@ -578,7 +630,7 @@ class Reconciler:
             next_check = min(next_check, RECHECK_AFTER_WRITE_SECONDS)
         if rollout.recheck_after_seconds is not None:
             next_check = min(next_check, rollout.recheck_after_seconds)
-        return await self._finish(ref, budget, previous, status, next_check, "ok", memory)
+        return await self._finish(events, budget, previous, status, next_check, "ok", memory)
 
     # --- database ------------------------------------------------------------------------
 
@@ -657,9 +709,9 @@ class Reconciler:
         metrics.ACTIVITY_READS.labels(**labels, result="ok").inc()
         memory.activity_error = None
 
-    async def _watch(
+    def _watch(
         self,
-        ref: BudgetEventRef,
+        events: EventNotes,
         spec: PoolBudgetSpec,
         plan: BudgetPlan,
         memory: BudgetMemory,
@@ -667,7 +719,7 @@ class Reconciler:
         now: datetime,
         rolling_out: Collection[str],
     ) -> Observation | None:
-        """Judge a new reading (once), post an event per signal raised or cleared, and
+        """Judge a new reading (once), note an event per signal raised or cleared, and
         return DatabaseHealthy (None: nothing is watched). Targets in `rolling_out` are
         not judged over their allocation: the rollout's old pods hold the old pools."""
         watch = spec.database.watch
@@ -688,13 +740,13 @@ class Reconciler:
             memory.activity = None
             memory.usage, memory.usage_time, memory.signals = usage, now, evaluation.state
             for signal in evaluation.raised_now:
-                await self.kube.post_event(ref, "Warning", signal.kind.value, signal.message)
+                events.add("Warning", signal.kind.value, signal.message, subject=signal.subject)
             for signal in evaluation.cleared_now:
-                await self.kube.post_event(
-                    ref,
+                events.add(
                     "Normal",
                     f"{signal.kind.value}Cleared",
                     cleared_message(signal, settings),
+                    subject=signal.subject,
                 )
             self._publish_watch_metrics(labels, usage, evaluation.state)
         return health_observation(memory.usage, memory.signals, memory.activity_error)
@@ -826,7 +878,7 @@ class Reconciler:
 
     async def _finish(
         self,
-        ref: BudgetEventRef,
+        events: EventNotes,
         budget: BudgetObject,
         previous: Mapping[str, Any],
         status: dict[str, Any],
@@ -838,6 +890,8 @@ class Reconciler:
             namespace=budget.namespace, poolbudget=budget.name, outcome=outcome
         ).inc()
         written = False
+        # Before the status: whoever sees the new status can find the Events that explain it.
+        await self._post_events(events)
         changed = status_changes(previous, status)
         if changed:
             await self.kube.patch_budget_status(budget.namespace, budget.name, status)
@@ -855,9 +909,23 @@ class Reconciler:
             )
         return Outcome(next_check_seconds=next_check, status=status, status_written=written)
 
-    async def _event_on_change(
-        self,
-        ref: BudgetEventRef,
+    async def _post_events(self, events: EventNotes, *, best_effort: bool = False) -> None:
+        for event in aggregate(events.take()):
+            try:
+                await self.kube.post_event(events.ref, event.type, event.reason, event.message)
+            except Exception:
+                if not best_effort:
+                    raise
+                logger.warning(
+                    "%s/%s: could not post the %s event",
+                    events.ref.namespace,
+                    events.ref.name,
+                    event.reason,
+                )
+
+    @staticmethod
+    def _event_on_change(
+        events: EventNotes,
         previous: Mapping[str, Any],
         observation: Observation,
         type_: str,
@@ -877,7 +945,7 @@ class Reconciler:
         same_reason = before is not None and before.get("reason") == observation.reason
         if same_status and (same_reason or not reason_changes):
             return
-        await self.kube.post_event(ref, type_, observation.reason, observation.message)
+        events.add(type_, observation.reason, observation.message)
 
     # --- metrics -------------------------------------------------------------------------
 
@@ -1009,6 +1077,30 @@ def _configmap_change_message(
     old_overflow = before.data.get("DB_MAX_OVERFLOW", "?")
     old = f"pool_size {old_pool}, max_overflow {old_overflow}"
     return f"ConfigMap {name} updated: {old} -> {new} (peak {peak} of {plan.usable_connections})"
+
+
+def _configmap_change_entry(
+    target: Target, before: ConfigMapLike | None, after: Mapping[str, str], plan: BudgetPlan
+) -> str:
+    """The change in a list of them: `api-db-pool pool_size 5 -> 6, max_overflow 2 -> 2`."""
+    name = target.resolved_config_map_name
+    peak = plan.allocation(target.deployment_name).peak_connections
+    if before is None:
+        return (
+            f"{name} created with pool_size {after['DB_POOL_SIZE']}, max_overflow "
+            f"{after['DB_MAX_OVERFLOW']} (peak {peak})"
+        )
+    return (
+        f"{name} pool_size {before.data.get('DB_POOL_SIZE', '?')} -> {after['DB_POOL_SIZE']}, "
+        f"max_overflow {before.data.get('DB_MAX_OVERFLOW', '?')} -> {after['DB_MAX_OVERFLOW']} "
+        f"(peak {peak})"
+    )
+
+
+_OVERWRITE_ADVICE = (
+    "Restores are paced by rollout.minIntervalSeconds; make the other writer leave the "
+    "annotation alone (server-side apply without it, or ignore it)"
+)
 
 
 def _hash_overwritten(state: TargetState, seen: str | None) -> bool:

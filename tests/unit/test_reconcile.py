@@ -186,6 +186,61 @@ async def test_first_reconcile_writes_restarts_and_then_nothing() -> None:
     assert world.condition("Ready")["status"] == "True"
 
 
+def three_targets() -> World:
+    world = World()
+    world.spec["targets"] = [
+        {"deploymentName": name, "processesPerPod": 2} for name in ("api", "worker", "cron")
+    ]
+    world.deployments = {
+        ("shop", name): DeploymentState(name=name, replicas=2, max_surge=None, recreate=False,
+                                        template_hash=None, rolling=False, unobserved=False, stalled=False)
+        for name in ("api", "worker", "cron")
+    }  # fmt: skip
+    return world
+
+
+async def test_one_event_per_reason_names_every_target_and_comes_before_the_status() -> None:
+    world = three_targets()
+    world.spec["rollout"] = {"minIntervalSeconds": 0, "maxConcurrent": 3}
+    await world.reconcile()
+    reasons = [e[1] for e in world.kube.events]
+    assert reasons == ["ConfigMapUpdated", "RolloutRestarted"]
+    updated, restarted = (e[2] for e in world.kube.events)
+    assert updated.startswith("ConfigMaps updated (3): api-db-pool created with pool_size ")
+    assert "; worker-db-pool created" in updated
+    assert "; cron-db-pool created" in updated
+    assert restarted.startswith("Deployments restarted to pick up their pool settings (3): api (")
+    kinds = [kind for kind, _ in world.kube.writes]
+    assert kinds == ["configmap"] * 3 + ["restart"] * 3 + ["event", "event", "status"]
+
+    # One target: the event reads as a single change always did.
+    single = World()
+    await single.reconcile()
+    assert [e[1:] for e in single.kube.events] == [
+        (
+            "ConfigMapUpdated",
+            "ConfigMap api-db-pool created: pool_size 10, max_overflow 5 (peak 180)",
+        ),
+        ("RolloutRestarted", "Deployment api restarted to pick up pool_size 10, max_overflow 5"),
+    ]
+
+
+async def test_events_for_writes_made_before_a_failure_are_still_posted() -> None:
+    world = three_targets()
+    world.spec["rollout"] = {"minIntervalSeconds": 0, "maxConcurrent": 3}
+    failing = world.kube
+
+    async def broken(namespace: str, deployment: str, annotations: dict[str, str]) -> None:
+        raise RuntimeError("the API server went away")
+
+    failing.annotate_pod_template = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        await world.reconcile()
+    assert [(e[1], e[2].split(":")[0]) for e in world.kube.events] == [
+        ("ConfigMapUpdated", "ConfigMaps updated (3)")
+    ]
+
+
 async def test_one_prober_per_dsn_reused_until_the_dsn_changes() -> None:
     world = World()
     await world.reconcile()
