@@ -62,6 +62,7 @@ FLOOR_FIELD_MANAGER = "bench-floor"
 # The floors: how many writes the minimal client makes per change.
 FLOORS = {"one_write": "watch + patch annotation", "two_writes": "watch + apply CM + patch"}
 MERGE_PATCH = "application/merge-patch+json"
+KUBECTL_PATCH_RUNS = 10
 APPLY_PATCH = "application/apply-patch+yaml"
 
 
@@ -221,6 +222,15 @@ def measure_reaction(cluster: LocalCluster, kube: Kube, changes: int) -> dict[st
         results["poolbudget_patches_during_edits"] = {
             key: after.get(key, 0) - patches_before.get(key, 0) for key in sorted(after)
         }
+        # What the edits cost when made with `kubectl patch` (as this bench once did): the
+        # same edit again, a no-op the API server answers without a write or an event.
+        same = json.dumps({"spec": {"reservedConnections": 40 if changes % 2 else 10}})
+        kubectl_patch: list[float] = []
+        for _ in range(KUBECTL_PATCH_RUNS):
+            started = time.monotonic()
+            cluster.kubectl("-n", namespace, "patch", "pbud", "shop", "--type=merge", "-p", same)
+            kubectl_patch.append(time.monotonic() - started)
+        results["kubectl_patch_noop"] = summary(kubectl_patch)
     cluster.kubectl("delete", "namespace", namespace, "--wait=false")
     return results
 
@@ -621,6 +631,10 @@ def print_latency(results: dict[str, Any]) -> None:
             s = operator[key]
             print(f"    {label:20} p50 {s['p50_ms'] / max(0.1, floor['p50_ms']):.2f}x, "
                   f"p99 {s['p99_ms'] / max(0.1, floor['p99_ms']):.2f}x")  # fmt: skip
+    if "kubectl_patch_noop" in operator:
+        s = operator["kubectl_patch_noop"]
+        print(f"  for reference, one `kubectl patch pbud` process (a no-op edit): p50 {s['p50_ms']} ms, "
+              f"p99 {s['p99_ms']} ms (edits were timed with it before; now with the client)")  # fmt: skip
     if "poolbudget_patches_during_edits" in operator:
         patches = ", ".join(
             f"{k} {v:.0f}" for k, v in operator["poolbudget_patches_during_edits"].items()
