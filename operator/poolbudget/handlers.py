@@ -41,21 +41,31 @@ from poolbudget.adapters.apiclient import close_client
 from poolbudget.adapters.health import HealthServer, ProbeResult
 from poolbudget.adapters.informer import (
     WATCH_SECONDS,
+    ConfigMapResource,
     DeploymentResource,
     HpaResource,
     Informer,
     WatchClient,
     watch_client,
 )
-from poolbudget.adapters.kube import KubeError, KubeGateway, PoolBudgetResource
+from poolbudget.adapters.kube import (
+    ConfigMapView,
+    KubeError,
+    KubeGateway,
+    PoolBudgetResource,
+    configmap_view,
+)
 from poolbudget.adapters.leader import LeaderElector
 from poolbudget.adapters.postgres import CONNECTION_LIFETIME_SECONDS, DatabaseProbe
 from poolbudget.api.v1alpha1 import GROUP, PLURAL, VERSION
 from poolbudget.domain.cluster_view import ClusterView, Key, budget_claims, referenced_secrets
 from poolbudget.domain.observe import deployment_state, hpa_target
+from poolbudget.domain.rendering import LABEL_BUDGET, LABEL_MANAGED_BY, MANAGED_BY
 from poolbudget.reconcile import BudgetMemory, BudgetObject, Reconciler
 
 logger = logging.getLogger("poolbudget")
+
+MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
 # A ClusterView method: records one change, returns the budgets to wake.
 ViewUpdate = Callable[[Key, Any, Any], set[Key]]
@@ -68,11 +78,48 @@ INFORMER_STALL_SECONDS = 600.0
 
 
 @dataclass
+class ManagedConfigMaps:
+    """The gateway's ConfigMapCache: one label-selected ConfigMap informer per scope.
+
+    Until its informer has listed, a scope answers nothing from the cache (the gateway
+    then reads from the API server)."""
+
+    by_scope: dict[str | None, Informer[ConfigMapView]] = field(default_factory=dict)
+
+    def _informer(self, namespace: str) -> Informer[ConfigMapView] | None:
+        informer = self.by_scope.get(namespace) or self.by_scope.get(None)
+        return informer if informer is not None and informer.synced.is_set() else None
+
+    def cached(self, namespace: str, name: str) -> ConfigMapView | None:
+        informer = self._informer(namespace)
+        return None if informer is None else informer.items.get((namespace, name))
+
+    def remember(self, namespace: str, name: str, view: ConfigMapView) -> None:
+        informer = self._informer(namespace)
+        if informer is not None:
+            informer.remember((namespace, name), view)
+
+
+def budgets_writing(
+    key: Key, before: ConfigMapView | None, after: ConfigMapView | None
+) -> set[Key]:
+    """The budgets named on a managed ConfigMap before and after someone else changed it
+    (our own writes are remembered silently): that budget looks again at once."""
+    namespace = key[0]
+    return {
+        (namespace, budget)
+        for view in (before, after)
+        if view is not None and (budget := view.labels.get(LABEL_BUDGET))
+    }
+
+
+@dataclass
 class Runtime:
     """Process-wide state, created at startup and kept in Kopf's memo."""
 
     kube: KubeGateway
     reconciler: Reconciler
+    configmaps: ManagedConfigMaps = field(default_factory=ManagedConfigMaps)
     configuration: Configuration | None = None  # credentials for the informers' clients
     informer_stall_seconds: float = INFORMER_STALL_SECONDS
     watch_seconds: float = WATCH_SECONDS  # how often the informers' watches are re-opened
@@ -100,6 +147,7 @@ class Runtime:
             (DeploymentResource, "Deployment", deployment_state, view.deployment_changed),
             (HpaResource, "HorizontalPodAutoscaler", hpa_target, view.hpa_changed),
             (PoolBudgetResource, "PoolBudget", budget_claims, view.claims_changed),
+            (ConfigMapResource, "ConfigMap", configmap_view, budgets_writing),
         ]
         scopes: list[str | None] = list(namespaces) or [None]
         assert self.configuration is not None, "the informers need credentials"
@@ -115,8 +163,12 @@ class Runtime:
                     parse=parse,
                     on_change=self._waking(update),
                     watch_seconds=self.watch_seconds,
+                    # Only the ConfigMaps we manage: a cluster's others are none of ours.
+                    label_selector=MANAGED_SELECTOR if resource is ConfigMapResource else None,
                 )
                 self.informers.append(informer)
+                if resource is ConfigMapResource:
+                    self.configmaps.by_scope[namespace] = informer
         self.informer_tasks = [
             asyncio.create_task(informer.run(), name=f"informer {informer.kind}")
             for informer in self.informers
@@ -228,7 +280,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # after a long API outage Kopf's own watch came back seconds after the API server).
     settings.networking.error_backoffs = (0.5, 1, 2, 2, 2, 2, 2, 2, 2, 2)
     configuration = await credentials.load_configuration()
-    kube = KubeGateway(configuration)
+    configmaps = ManagedConfigMaps()
+    kube = KubeGateway(configuration, configmaps=configmaps)
     elector = memo.get("elector")
     if isinstance(elector, LeaderElector):
         # Renew the Lease on this loop: lightkube must not run in a second thread.
@@ -241,6 +294,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     runtime = Runtime(
         kube=kube,
         reconciler=Reconciler(kube=kube, prober_factory=prober),
+        configmaps=configmaps,
         configuration=configuration,
         informer_stall_seconds=float(memo.get("informer_stall_seconds", INFORMER_STALL_SECONDS)),
     )

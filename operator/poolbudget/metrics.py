@@ -12,6 +12,12 @@ API_WRITES = Counter(
     "Writes this operator sent to the Kubernetes API, by kind of write and namespace.",
     ["kind", "namespace"],
 )
+CONFIGMAP_READS = Counter(
+    "poolbudget_configmap_reads_total",
+    "Managed ConfigMaps read by reconciles: from the operator's watch cache, or from the "
+    "API server (a ConfigMap not in the cache: absent, or not labelled as managed).",
+    ["source"],
+)
 API_WRITES_REFUSED = Counter(
     "poolbudget_api_writes_refused_total",
     "Writes not sent because this replica may not write (reason NotLeader: it does not "

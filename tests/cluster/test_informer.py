@@ -58,7 +58,7 @@ def _replicas(view: DeploymentState | None) -> int | None:
 
 
 def informer(
-    client: ApiClient, namespace: str, recorder: Recorder, **kwargs: float
+    client: ApiClient, namespace: str, recorder: Recorder, *, watch_seconds: float = 300.0
 ) -> Informer[DeploymentState]:
     return Informer(
         client,
@@ -67,7 +67,7 @@ def informer(
         namespace=namespace,
         parse=deployment_state,
         on_change=recorder,
-        **kwargs,
+        watch_seconds=watch_seconds,
     )
 
 

@@ -175,6 +175,31 @@ def test_operator_restart_restarts_no_deployment(
     assert ns.ready("shop")
 
 
+def test_an_edited_managed_configmap_is_put_back_at_once(
+    ns: Cluster, operator_process: OperatorProcess
+) -> None:
+    """The operator watches the ConfigMaps it manages: a hand edit of a setting it owns is
+    undone within seconds (it used to wait for the budget's next wake-up: minutes with
+    the default refreshSeconds), without restarting the Deployment (the settings it rolled
+    out are unchanged)."""
+    _shop_ready(ns)
+    planned = ns.get("configmap", "api-db-pool")["data"]["DB_POOL_SIZE"]
+    generation = ns.get("deployment", "api")["metadata"]["generation"]
+    reads_before = operator_process.metrics().get(
+        'poolbudget_configmap_reads_total{source="cache"}', 0
+    )
+    ns.kubectl("patch", "configmap", "api-db-pool", "--type=merge",
+               "-p", '{"data": {"DB_POOL_SIZE": "99"}}')  # fmt: skip
+    edited = time.monotonic()
+    wait_for(lambda: ns.get("configmap", "api-db-pool")["data"]["DB_POOL_SIZE"] == planned,
+             timeout=10, interval=0.1, what="the edited setting put back")  # fmt: skip
+    print(f"edited DB_POOL_SIZE put back after {time.monotonic() - edited:.2f} s")
+    assert ns.get("deployment", "api")["metadata"]["generation"] == generation
+    # The reconcile that put it back read the ConfigMap from the watch cache, not by GET.
+    reads_after = operator_process.metrics()['poolbudget_configmap_reads_total{source="cache"}']
+    assert reads_after > reads_before
+
+
 def test_no_writes_when_nothing_changed(ns: Cluster, operator_process: OperatorProcess) -> None:
     _shop_ready(ns)
     # Let the restart's rollout and its status updates settle.

@@ -59,7 +59,8 @@ for each line). Shared by the ClusterRole (cluster-wide) and the per-namespace R
 */}}
 {{- define "poolbudget-operator.namespacedRules" -}}
 # No `get` on what is only watched: the operator's informers and Kopf list and watch, and
-# write with patch. PoolBudgets are read by name once, to tell whether the budget named on
+# write with patch. ConfigMaps are watched by label (only the managed ones are kept; RBAC
+# cannot narrow `list` to a label) and read by name when not in that cache. PoolBudgets are read by name once, to tell whether the budget named on
 # a managed ConfigMap still exists (if not, the ConfigMap is adopted).
 - apiGroups: [poolbudget.dev]
   resources: [poolbudgets]
@@ -75,7 +76,7 @@ for each line). Shared by the ClusterRole (cluster-wide) and the per-namespace R
   verbs: [list, watch]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]

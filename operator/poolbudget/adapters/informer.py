@@ -50,12 +50,14 @@ OnChange = Callable[[Key, View | None, View | None], None]
 # kubernetes.aio.watch.Watch (which builds a model per event).
 DeploymentResource = Resource("apps", "v1", "deployments")
 HpaResource = Resource("autoscaling", "v2", "horizontalpodautoscalers")
+ConfigMapResource = Resource("", "v1", "configmaps")
 
 WatchClient = ApiClient
-# Connections of one scope's watch pool: its three informers (Deployments, HPAs,
-# PoolBudgets) each hold one for as long as their watch is open, and list or watch one
-# request at a time; one spare, so a connection still closing never holds up a relist.
-WATCH_CONNECTIONS = 4
+# Connections of one scope's watch pool: its four informers (Deployments, HPAs,
+# PoolBudgets, managed ConfigMaps) each hold one for as long as their watch is open, and
+# list or watch one request at a time; one spare, so a connection still closing never
+# holds up a relist.
+WATCH_CONNECTIONS = 5
 
 
 def watch_client(configuration: Configuration) -> WatchClient:
@@ -94,6 +96,7 @@ class Informer(Generic[View]):
         parse: Callable[[Mapping[str, Any]], View],
         on_change: OnChange[View],
         watch_seconds: float = WATCH_SECONDS,
+        label_selector: str | None = None,
     ) -> None:
         self.items: dict[Key, View] = {}
         self.synced = asyncio.Event()
@@ -109,6 +112,9 @@ class Informer(Generic[View]):
         self._parse = parse
         self._on_change = on_change
         self._watch_seconds = watch_seconds
+        self._selector: list[tuple[str, Any]] = (
+            [("labelSelector", label_selector)] if label_selector else []
+        )
 
     @property
     def scope(self) -> str:
@@ -181,7 +187,7 @@ class Informer(Generic[View]):
         fresh: dict[Key, View] = {}
         token: str | None = None
         while True:
-            query: list[tuple[str, Any]] = [("limit", LIST_CHUNK)]
+            query: list[tuple[str, Any]] = [*self._selector, ("limit", LIST_CHUNK)]
             if token:
                 query.append(("continue", token))
             response = await self._request(query, LIST_TIMEOUT_SECONDS)
@@ -211,6 +217,7 @@ class Informer(Generic[View]):
         query_seconds = max(1, math.ceil(self._watch_seconds))
         while True:
             query: list[tuple[str, Any]] = [
+                *self._selector,
                 ("watch", "true"),
                 ("resourceVersion", version),
                 ("allowWatchBookmarks", "true"),
@@ -254,6 +261,12 @@ class Informer(Generic[View]):
         except (TypeError, ValueError) as exc:  # a body no schema should have let through
             logger.warning("%s %s/%s ignored: %s", self.kind, *_key(body), exc)
             return None
+
+    def remember(self, key: Key, view: View) -> None:
+        """Record what our own write left, before the watch reports it. Tells nobody (the
+        change is ours); the watch event that follows then finds nothing new."""
+        self.items[key] = view
+        metrics.WATCHED_OBJECTS.labels(resource=self.kind, scope=self.scope).set(len(self.items))
 
     def _set(self, key: Key, view: View | None) -> None:
         before = self.items.get(key)
