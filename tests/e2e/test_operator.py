@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from devtools.operator_process import OperatorProcess, wait_for
-from tests.e2e.support import Cluster, budget, deployment
+from tests.e2e.support import Cluster, budget, deployment, kubectl_json
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -359,7 +359,8 @@ def test_health_reports_what_each_informer_holds(
 
     def counted() -> dict[str, Any] | None:
         informers = operator_process.health().get("informers") or {}
-        held = [informers.get(f"{kind} (all namespaces)") for kind in ("Deployment", "PoolBudget")]
+        held = [informers.get(f"{kind} (all namespaces)")
+                for kind in ("Deployment", "PoolBudget", "ConfigMap")]  # fmt: skip
         return informers if all(isinstance(n, int) and n >= 1 for n in held) else None
 
     # A fresh operator may still answer "listing".
@@ -368,4 +369,8 @@ def test_health_reports_what_each_informer_holds(
         "Deployment (all namespaces)",
         "HorizontalPodAutoscaler (all namespaces)",
         "PoolBudget (all namespaces)",
+        "ConfigMap (all namespaces)",
     }
+    # Only the managed ConfigMaps are kept: every namespace also has kube-root-ca.crt.
+    everywhere = kubectl_json(ns.cluster.kubectl, "get", "configmaps", "-A")["items"]
+    assert informers["ConfigMap (all namespaces)"] < len(everywhere)
