@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from poolbudget import __version__
 from poolbudget.api.v1alpha1 import PoolBudget, ReplicaBasis, describe_validation_error
 from poolbudget.domain.facts import DatabaseFacts, DeploymentFacts, SurgeError
+from poolbudget.domain.leadership import LeaderTimings
 from poolbudget.domain.planning import POSTGRES_DEFAULT_SUPERUSER_RESERVED, plan_for
 from poolbudget.domain.report import plan_table
 from poolbudget.domain.sizing import BudgetLimits, BudgetPlan, TargetDemand, plan_budget
@@ -66,6 +68,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -161,6 +173,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAMESPACE",
         help="run only while holding the Lease poolbudget-operator in this namespace "
         "(needed with more than one replica); default: no election",
+    )
+    run.add_argument(
+        "--leader-lease-seconds",
+        type=_positive,
+        default=15,
+        metavar="SECONDS",
+        help="how long a Lease lasts without renewal: a standby takes over this long after "
+        "it last saw the leader renew (a released Lease at once); default: %(default)s",
+    )
+    run.add_argument(
+        "--leader-renew-deadline-seconds",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="the leader stops writing this long after sending its last successful renewal "
+        "and exits (below the lease: the difference is the safety margin); "
+        "default: %(default)s",
+    )
+    run.add_argument(
+        "--leader-retry-seconds",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often the leader renews and a standby tries to take over (each Lease call "
+        "times out after this long); default: %(default)s",
     )
     run.add_argument(
         "--peering",
@@ -309,6 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_plan(args)
         # Imported here: the operator's dependencies (kopf, kubernetes, asyncpg) are an
         # extra, and `poolbudget plan` must work without them.
+        try:
+            timings = LeaderTimings(
+                args.leader_lease_seconds,
+                args.leader_renew_deadline_seconds,
+                args.leader_retry_seconds,
+            )
+        except ValueError as exc:
+            raise UsageError(f"leader election: {exc}") from None
         from poolbudget.operator import run_operator
 
         return run_operator(
@@ -323,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             secret_check_seconds=args.secret_check_seconds,
             informer_stall_seconds=args.informer_stall_seconds,
             verbose=args.verbose,
+            leader_timings=timings,
         )
     except UsageError as exc:
         print(f"poolbudget {args.command}: error: {exc}", file=sys.stderr)

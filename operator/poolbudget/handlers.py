@@ -55,10 +55,10 @@ from poolbudget.adapters.kube import (
     PoolBudgetResource,
     configmap_view,
 )
-from poolbudget.adapters.leader import LeaderElector
 from poolbudget.adapters.postgres import CONNECTION_LIFETIME_SECONDS, DatabaseProbe
 from poolbudget.api.v1alpha1 import GROUP, PLURAL, VERSION
 from poolbudget.domain.cluster_view import ClusterView, Key, budget_claims, referenced_secrets
+from poolbudget.domain.leadership import Fence, LeaderTimings
 from poolbudget.domain.observe import deployment_state, hpa_target
 from poolbudget.domain.rendering import LABEL_BUDGET, LABEL_MANAGED_BY, MANAGED_BY
 from poolbudget.reconcile import BudgetMemory, BudgetObject, Reconciler
@@ -281,11 +281,19 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.error_backoffs = (0.5, 1, 2, 2, 2, 2, 2, 2, 2, 2)
     configuration = await credentials.load_configuration()
     configmaps = ManagedConfigMaps()
-    kube = KubeGateway(configuration, configmaps=configmaps)
-    elector = memo.get("elector")
-    if isinstance(elector, LeaderElector):
-        # Renew the Lease on this loop: lightkube must not run in a second thread.
-        memo["lease_task"] = asyncio.create_task(elector.hold(), name="lease")
+    fence, timings = memo.get("fence"), memo.get("leader_timings")
+    if isinstance(fence, Fence) and isinstance(timings, LeaderTimings):
+        # Leader election: no write once the Lease may be lost, and a write that passed
+        # the fence reaches the API server within the margin or not at all (its whole
+        # request, connecting included, is bounded by half the margin; see leader.py).
+        kube = KubeGateway(
+            configuration,
+            configmaps=configmaps,
+            may_write=fence.holds,
+            timeout=timings.margin_seconds / 2,
+        )
+    else:
+        kube = KubeGateway(configuration, configmaps=configmaps)
     lifetime = memo.get("database_connection_lifetime", CONNECTION_LIFETIME_SECONDS)
 
     def prober(dsn: str) -> DatabaseProbe:
@@ -318,10 +326,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for name in ("lease_task", "secret_task"):
-        task = memo.get(name)
-        if isinstance(task, asyncio.Task):
-            task.cancel()
+    task = memo.get("secret_task")
+    if isinstance(task, asyncio.Task):
+        task.cancel()
     server = memo.get("health_server")
     if isinstance(server, HealthServer):
         await server.stop()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
-import socket
+from collections.abc import Callable
+from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
 from poolbudget import handlers
 from poolbudget.adapters.health import StandbyHealth
-from poolbudget.adapters.leader import LeaderElector
+from poolbudget.adapters.leader import run_elected
+from poolbudget.domain.leadership import Fence, LeaderTimings
 
 
 def run_operator(
@@ -27,6 +29,7 @@ def run_operator(
     database_connection_lifetime: float = 300.0,
     secret_check_seconds: float = 10.0,
     informer_stall_seconds: float = 600.0,
+    leader_timings: LeaderTimings | None = None,
 ) -> int:
     assert handlers.budget_changed is not None  # importing the module registered the handlers
     kopf.configure(verbose=verbose, log_prefix=True)
@@ -37,37 +40,41 @@ def run_operator(
         logging.getLogger(noisy).setLevel(quiet)
     if metrics_port:
         start_http_server(metrics_port, addr=bind_address)
-    elector = None
-    if leader_election_namespace:
-        # Several replicas: only the Lease holder runs Kopf (see adapters/leader.py). A
-        # standby still answers its probes, so the kubelet neither restarts it in a loop
-        # nor holds up a rollout of the operator's Deployment on it.
-        identity = f"{socket.gethostname()}-{os.getpid()}"
-        elector = LeaderElector(leader_election_namespace, "poolbudget-operator", identity)
-        standby = StandbyHealth(bind_address, health_port) if health_port else None
-        try:
-            elector.acquire()
-        finally:
-            if standby is not None:
-                standby.stop()
     health = (bind_address, health_port) if health_port else None
-    try:
-        kopf.run(
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            standalone=peering is None,
-            peering_name=peering,
-            priority=priority,
-            memo=kopf.Memo(
-                elector=elector,
+
+    def options(**memo: Any) -> dict[str, Any]:
+        """kopf.run's and kopf.operator's arguments."""
+        return {
+            "clusterwide": not namespaces,
+            "namespaces": namespaces,
+            "standalone": peering is None,
+            "peering_name": peering,
+            "priority": priority,
+            "memo": kopf.Memo(
                 namespaces=namespaces,
                 health=health,
                 database_connection_lifetime=database_connection_lifetime,
                 secret_check_seconds=secret_check_seconds,
                 informer_stall_seconds=informer_stall_seconds,
+                **memo,
             ),
-        )
-    finally:
-        if elector is not None:
-            elector.release()
-    return 0
+        }
+
+    if not leader_election_namespace:
+        kopf.run(**options())
+        return 0
+    # Several replicas: only the Lease holder runs Kopf (see adapters/leader.py). A standby
+    # still answers its probes, so the kubelet neither restarts it in a loop nor holds up
+    # a rollout of the operator's Deployment on it.
+    timings = leader_timings or LeaderTimings()
+
+    async def lead(fence: Fence) -> None:
+        await kopf.operator(**options(fence=fence, leader_timings=timings))
+
+    def standby() -> Callable[[], None]:
+        return StandbyHealth(bind_address, health_port).stop if health_port else lambda: None
+
+    election = run_elected(
+        namespace=leader_election_namespace, timings=timings, lead=lead, standby=standby
+    )
+    return asyncio.run(election)

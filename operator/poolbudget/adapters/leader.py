@@ -1,17 +1,53 @@
-"""Leader election over a coordination.k8s.io Lease, so replicas never both act.
+"""Leader election over the coordination.k8s.io Lease `poolbudget-operator`, so replicas
+never both write.
 
-Before Kopf starts, a replica waits until it holds the Lease (blocking, synchronous);
-once Kopf runs, a task on its event loop renews it with the async client, so lightkube is
-never used from two threads at once (its decoding is not thread-safe: seen here as a
-segfault inside msgspec). If renewing fails for longer than the lease lasts (API
-unreachable, or another replica took over), the process exits at once: a follower that
-still acted would break the "one writer" promise; the pod restarts as a standby. A standby
-waits out an unreachable API server, so after an outage it takes over as soon as the
-API server is back (the lease it finds has expired). On a clean
-shutdown the Lease is released, so a standby takes over within one retry period.
+The election is the official client's (`kubernetes.aio.leaderelection`: acquire, renew,
+the standby's view of expiry). A standby judges expiry by its OWN clock, from when it
+last saw the Lease change, never by comparing the holder's renewTime with its clock, so
+clock skew between nodes cannot shorten a lease. Where the library falls short, this
+module adds what is missing:
 
-Kopf's own peering was the alternative; it needs extra CRDs and freezes every replica when
-two share a priority, which a Deployment's identical pods always do.
+* Every Lease call carries `_request_timeout` (and an asyncio timeout around it): the
+  library passes none, so one hung call blocked the renew loop past its deadline.
+* A timeout, a connection error or any other non-ApiException from a Lease call is
+  turned into a failed attempt (the library catches ApiException only; anything else
+  crashed `run()`, and its error path reads `.reason` of what it got).
+* The write FENCE (domain/leadership.py): the send time (time.monotonic) of every
+  successful Lease create/update is recorded, and KubeGateway refuses every write
+  (NotLeaderError) unless `now < last_success_sent + renew_deadline`. The library only
+  cancels the leading task once a renew deadline has passed in its own loop; a leader
+  stopped (SIGSTOP) past its lease and resumed ran its reconcile loops, which wrote
+  before the renew loop noticed anything. CLOCK_MONOTONIC counts while a process is
+  stopped, so a resumed leader finds its fence lapsed before its first write.
+  Standbys wait `lease` seconds from their observation of the last renewal, which came
+  after it was sent, so the fence lapses at least `lease - renew deadline` (5 s by
+  default) before anyone else may act. That margin is for writes already past the fence
+  check; handlers.py keeps the write client's connect, write and pool timeouts inside it.
+  What no client-side fence covers: a write the API server received before the lapse
+  and committed after the takeover (etcd stalled for seconds), and a standby whose wall
+  clock jumps forward (the library reads time.time() for its observations).
+* Lost leadership = the fence lapsed or the library's renew loop gave up, whichever
+  comes first. The process then EXITS (status 1) at once, without cleanup, and the
+  kubelet restarts it as a standby. Stepping down in-process was the alternative; it
+  would need Kopf's operator, our informers, per-budget loops and database probes torn
+  down and rebuilt in a process that just proved it can stall, while a new process
+  starts clean with a new identity, which is what the standby path is tested for. The
+  fence keeps writes off while it exits. (This was also the behaviour before.)
+* A clean shutdown (SIGTERM: Kopf stops, then this module) revokes the fence and
+  releases the Lease (holderIdentity cleared): a standby takes over within one retry
+  period instead of a whole lease. The library has no release.
+* Identity: `<hostname>-<random>`. With `<hostname>-<pid>` a restarted container
+  (PID 1 again) held the same identity and renewed its predecessor's Lease as its own.
+
+How it runs: `poolbudget run` does `asyncio.run(run_elected(...))`. A standby answers its
+probes from a thread (StandbyHealth) while the election waits; once leading, that server
+stops and `lead(fence)` runs Kopf (`kopf.operator`, whose startup handler starts the real
+probes on the same port and hands the fence to the KubeGateway).
+
+Timings (`poolbudget run --leader-*`): lease 15 s, renew deadline 10 s, retry 2 s.
+
+Kopf's own peering was the alternative to a Lease; it needs extra CRDs and freezes every
+replica when two share a priority, which a Deployment's identical pods always do.
 """
 
 from __future__ import annotations
@@ -19,164 +55,299 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import socket
+import sys
 import time
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
-from lightkube import ApiError, AsyncClient, Client
-from lightkube.models.coordination_v1 import LeaseSpec
-from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.coordination_v1 import Lease
+import aiohttp
+from kubernetes.aio import client
+from kubernetes.aio.client.api_client import ApiClient
+from kubernetes.aio.client.exceptions import ApiException
+from kubernetes.aio.leaderelection.electionconfig import Config
+from kubernetes.aio.leaderelection.leaderelection import LeaderElection
+from kubernetes.aio.leaderelection.leaderelectionrecord import LeaderElectionRecord
+from kubernetes.aio.leaderelection.resourcelock.leaselock import LeaseLock
+from prometheus_client import Counter
+
+from poolbudget import metrics
+from poolbudget.adapters import credentials
+from poolbudget.domain.leadership import Fence, LeaderTimings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LEASE_NAME = "poolbudget-operator"
+EXIT_LOST = 1
+# How often an unreachable API server is mentioned while a standby waits it out.
+QUIET_SECONDS = 30.0
 
 
-class LeaderElector:
+def new_identity() -> str:
+    """Unique per process: a restarted container never mistakes the old Lease for its own."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+class FencedLeaseLock(LeaseLock):
+    """LeaseLock with a timeout on every call, every failure reported as a failed
+    attempt, the fence fed on each success, and a release."""
+
     def __init__(
         self,
-        namespace: str,
         name: str,
+        namespace: str,
         identity: str,
+        api_client: ApiClient,
         *,
-        lease_seconds: int = 15,
-        retry_seconds: float = 2.0,
-        client: Client | None = None,
+        fence: Fence,
+        request_timeout: float,
     ) -> None:
-        self.namespace = namespace
-        self.name = name
-        self.identity = identity
-        self.lease_seconds = lease_seconds
-        self.retry_seconds = retry_seconds
-        self._client = client or Client(field_manager="poolbudget-operator")
+        super().__init__(name, namespace, identity, api_client)
+        self.fence = fence
+        self.request_timeout = request_timeout
+        self._unreachable_since: float | None = None
+        self._last_mentioned = -QUIET_SECONDS
 
-    def _now(self) -> datetime:
-        return datetime.now(UTC)
+    async def _call(self, call: Callable[[float], Coroutine[Any, Any, T]]) -> T:
+        """One API call, bounded both by the client (`_request_timeout`) and around it
+        (token refresh, reading the body); non-API failures become ApiException(0)."""
+        try:
+            async with asyncio.timeout(self.request_timeout + 0.5):
+                result = await call(self.request_timeout)
+        except ApiException:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            self._unreachable(exc)
+            raise ApiException(status=0, reason=f"{type(exc).__name__}: {exc}") from None
+        self._unreachable_since = None
+        return result
 
-    def _fresh(self) -> Lease:
-        now = self._now()
-        return Lease(
-            metadata=ObjectMeta(name=self.name, namespace=self.namespace),
-            spec=LeaseSpec(
-                holderIdentity=self.identity,
-                leaseDurationSeconds=self.lease_seconds,
-                acquireTime=now,
-                renewTime=now,
-                leaseTransitions=0,
-            ),
+    def _unreachable(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        if now - self._last_mentioned >= QUIET_SECONDS:
+            self._last_mentioned = now
+            logger.warning(
+                "cannot reach the Lease (%s) for %.0f s; still trying",
+                type(exc).__name__,
+                now - self._unreachable_since,
+            )
+
+    async def get(
+        self, name: str, namespace: str
+    ) -> tuple[bool, LeaderElectionRecord] | tuple[bool, Exception] | tuple[bool, None]:
+        try:
+            lease = await self._call(
+                lambda timeout: self.api_instance.read_namespaced_lease(
+                    name, namespace, _request_timeout=timeout
+                )
+            )
+        except ApiException as exc:
+            return False, exc
+        self.lease_reference = lease
+        return True, self.election_record(lease)
+
+    async def create(
+        self, name: str, namespace: str, election_record: LeaderElectionRecord
+    ) -> bool:
+        body = client.V1Lease(
+            metadata=client.V1ObjectMeta(name=name), spec=self.update_lease(election_record)
         )
-
-    def _claimed(self, lease: Lease) -> Lease | None:
-        """The Lease taken or renewed by us, or None if another holder's is still valid."""
-        now = self._now()
-        spec = lease.spec or LeaseSpec()
-        holder = spec.holderIdentity
-        renewed = spec.renewTime
-        duration = spec.leaseDurationSeconds or self.lease_seconds
-        expired = renewed is None or (now - renewed).total_seconds() > duration
-        if holder not in (None, "", self.identity) and not expired:
-            return None
-        if holder != self.identity:
-            spec.leaseTransitions = (spec.leaseTransitions or 0) + 1
-            spec.acquireTime = now
-        spec.holderIdentity = self.identity
-        spec.leaseDurationSeconds = self.lease_seconds
-        spec.renewTime = now
-        lease.spec = spec
-        return lease
-
-    def _try_acquire(self) -> bool:
-        """One attempt: take the Lease if it is free, expired or already ours."""
+        sent = time.monotonic()
         try:
-            lease = self._client.get(Lease, self.name, namespace=self.namespace)
-        except ApiError as exc:
-            if exc.status.code != 404:
-                raise
-            try:
-                self._client.create(self._fresh())
-            except ApiError as create_error:
-                if create_error.status.code == 409:  # someone else created it first
-                    return False
-                raise
-            return True
-        claimed = self._claimed(lease)
-        if claimed is None:
+            await self._call(
+                lambda timeout: self.api_instance.create_namespaced_lease(
+                    namespace, body, _request_timeout=timeout
+                )
+            )
+        except ApiException as exc:
+            logger.debug("creating the Lease failed: %s %s", exc.status, exc.reason)
             return False
-        try:
-            # replace() sends metadata.resourceVersion: a concurrent writer gets a 409.
-            self._client.replace(claimed)
-        except ApiError as exc:
-            if exc.status.code == 409:
-                return False
-            raise
+        self.fence.renewed(sent)
         return True
 
-    async def _try_renew(self, client: AsyncClient) -> bool:
-        try:
-            lease = await client.get(Lease, self.name, namespace=self.namespace)
-        except ApiError as exc:
-            if exc.status.code != 404:
-                raise
-            await client.create(self._fresh())
-            return True
-        claimed = self._claimed(lease)
-        if claimed is None:
+    async def update(self, name: str, namespace: str, updated_record: LeaderElectionRecord) -> bool:
+        lease = self.lease_reference
+        if lease is None:
             return False
+        lease.spec = self.update_lease(updated_record, lease.spec)
+        sent = time.monotonic()
         try:
-            await client.replace(claimed)
-        except ApiError as exc:
-            if exc.status.code == 409:
-                return False
-            raise
+            # The body carries metadata.resourceVersion: a concurrent writer gets a 409.
+            await self._call(
+                lambda timeout: self.api_instance.replace_namespaced_lease(
+                    name, namespace, lease, _request_timeout=timeout
+                )
+            )
+        except ApiException as exc:
+            logger.debug("updating the Lease failed: %s %s", exc.status, exc.reason)
+            return False
+        self.fence.renewed(sent)
         return True
 
-    def acquire(self) -> None:
-        """Block until this process leads, then keep renewing in the background."""
-        logger.info("waiting to lead (Lease %s/%s) as %s", self.namespace, self.name, self.identity)
-        failing_since: float | None = None
-        while True:
-            try:
-                if self._try_acquire():
-                    break
-                failing_since = None
-            except Exception as exc:  # an unreachable API server is waited out
-                # A standby that exited here left no operator at all after an API outage
-                # (the leader gives up too): wait, and say so now and then.
-                now = time.monotonic()
-                if failing_since is None or now - failing_since > 30:
-                    logger.warning("cannot reach the Lease (%s); still waiting", type(exc).__name__)
-                    failing_since = now
-            time.sleep(self.retry_seconds)
-        logger.info("leading as %s", self.identity)
-
-    async def hold(self) -> None:
-        """Renew the Lease forever on the running event loop; exit the process on loss."""
-        client = AsyncClient(field_manager="poolbudget-operator")
-        last_renewal = time.monotonic()
+    async def release(self) -> None:
+        """Clear holderIdentity if we still hold the Lease (a 409 means someone else
+        changed it: then it is not ours to release)."""
         try:
-            while True:
-                await asyncio.sleep(self.lease_seconds / 3)
-                try:
-                    if await self._try_renew(client):
-                        last_renewal = time.monotonic()
-                        continue
-                    logger.error("another replica holds the Lease now; exiting to stop acting")
-                except Exception:  # an API hiccup: keep trying until the lease would expire
-                    logger.exception("renewing the Lease failed")
-                    if time.monotonic() - last_renewal < self.lease_seconds:
-                        continue
-                    logger.error("could not renew the Lease for %ss; exiting", self.lease_seconds)
-                os._exit(1)  # no cleanup: a non-leader must stop acting immediately
-        finally:
-            await client.close()
+            lease = await self._call(
+                lambda timeout: self.api_instance.read_namespaced_lease(
+                    self.name, self.namespace, _request_timeout=timeout
+                )
+            )
+            if lease.spec is None or lease.spec.holder_identity != self.identity:
+                return
+            lease.spec.holder_identity = None
+            lease.spec.renew_time = None
+            await self._call(
+                lambda timeout: self.api_instance.replace_namespaced_lease(
+                    self.name, self.namespace, lease, _request_timeout=timeout
+                )
+            )
+            logger.info("released the Lease")
+        except ApiException as exc:
+            logger.warning("could not release the Lease (%s); it expires on its own", exc.reason)
 
-    def release(self) -> None:
-        """Give the Lease up (clean shutdown, after Kopf's loop ended) for a quick takeover."""
+
+async def api_client() -> ApiClient:
+    """The Lease's own client, from the credentials every other client uses
+    (adapters/credentials.py: the service account in a pod, else the kubeconfig)."""
+    return ApiClient(await credentials.load_configuration())
+
+
+def _total(counter: Counter) -> int:
+    return int(
+        sum(
+            sample.value
+            for family in counter.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        )
+    )
+
+
+def _writes() -> tuple[int, int]:
+    """(writes sent, writes refused) by this process so far, from its own metrics."""
+    return _total(metrics.API_WRITES), _total(metrics.API_WRITES_REFUSED)
+
+
+async def run_elected(
+    *,
+    namespace: str,
+    timings: LeaderTimings,
+    lead: Callable[[Fence], Coroutine[Any, Any, None]],
+    standby: Callable[[], Callable[[], None]] | None = None,
+    identity: str | None = None,
+) -> int:
+    """Wait for the Lease, then run `lead(fence)` while holding it.
+
+    `standby()` starts what a waiting replica serves (its probes) and returns how to stop
+    it; it runs until this replica leads. Returns the exit status: 0 after a clean stop
+    (SIGTERM/SIGINT, or `lead` returning), 1 when `lead` failed. Losing the Lease never
+    returns: the process exits with status 1 at once (see the module docstring)."""
+    identity = identity or new_identity()
+    fence = Fence(timings.renew_deadline_seconds, time.monotonic)
+    api = await api_client()
+    lock = FencedLeaseLock(
+        LEASE_NAME,
+        namespace,
+        identity,
+        api,
+        fence=fence,
+        request_timeout=timings.request_timeout_seconds,
+    )
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[str] = loop.create_future()
+
+    def settle(reason: str) -> None:
+        if not outcome.done():
+            outcome.set_result(reason)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):  # Kopf installs its own once it runs
+        loop.add_signal_handler(signum, settle, signal.Signals(signum).name)
+    stop_standby = standby() if standby is not None else None
+    leading = asyncio.Event()
+    lead_task: asyncio.Task[Any] | None = None
+
+    async def started() -> None:
+        nonlocal lead_task
+        lead_task = asyncio.current_task()
+        leading.set()
+        logger.info("leading as %s (Lease %s/%s)", identity, namespace, LEASE_NAME)
+        if stop_standby is not None:
+            await asyncio.to_thread(stop_standby)
         try:
-            lease = self._client.get(Lease, self.name, namespace=self.namespace)
-            if lease.spec is not None and lease.spec.holderIdentity == self.identity:
-                lease.spec.holderIdentity = None
-                lease.spec.renewTime = None
-                self._client.replace(lease)
-        except ApiError:
-            logger.warning("could not release the Lease; it expires in %ss", self.lease_seconds)
-        finally:
-            self._client.close()
+            await lead(fence)
+        except Exception:
+            logger.exception("the operator failed")
+            settle("failed")
+        else:
+            settle("stopped")
+
+    async def stopped() -> None:
+        settle("lost")
+
+    async def watch_fence() -> None:
+        await leading.wait()
+        while True:  # wakes when the fence would lapse; each renewal pushes that later
+            await asyncio.sleep(fence.remaining() + 0.01)
+            if not fence.holds():
+                settle("lost")
+                return
+
+    logger.info("waiting to lead (Lease %s/%s) as %s", namespace, LEASE_NAME, identity)
+    election_config = Config(
+        lock,
+        lease_duration=timings.lease_seconds,
+        renew_deadline=timings.renew_deadline_seconds,
+        retry_period=timings.retry_seconds,
+        onstarted_leading=started,
+        onstopped_leading=stopped,
+    )
+    election = asyncio.create_task(LeaderElection(election_config).run(), name="election")
+    watchdog = asyncio.create_task(watch_fence(), name="fence watchdog")
+    election.add_done_callback(
+        lambda task: settle("failed") if not task.cancelled() and task.exception() else None
+    )
+    reason = await outcome
+    if reason == "lost":
+        lose(timings)
+    fence.revoke()
+    for task in (election, watchdog):
+        task.cancel()
+    if lead_task is not None and not lead_task.done():
+        lead_task.cancel()  # a signal before Kopf took over the signal handlers
+        await asyncio.gather(lead_task, return_exceptions=True)
+    await asyncio.gather(election, watchdog, return_exceptions=True)
+    if leading.is_set():
+        sent, refused = _writes()
+        logger.info(
+            "stopped leading (%s): %d API writes sent, %d refused by the fence",
+            reason,
+            sent,
+            refused,
+        )
+        await lock.release()
+    elif stop_standby is not None:
+        stop_standby()
+    await api.close()  # type: ignore[no-untyped-call]
+    return 1 if reason == "failed" else 0
+
+
+def lose(timings: LeaderTimings) -> None:
+    """The Lease is (or may be) someone else's: say so, and exit before doing anything."""
+    sent, refused = _writes()
+    logger.error(
+        "lost the Lease (no renewal within the %g s renew deadline); exiting: "
+        "%d API writes sent, %d refused by the fence",
+        timings.renew_deadline_seconds,
+        sent,
+        refused,
+    )
+    logging.shutdown()  # flush the log: os._exit skips it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_LOST)  # no cleanup: nothing may run that could act as a leader
