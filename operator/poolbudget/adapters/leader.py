@@ -61,9 +61,9 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from http import HTTPStatus
 from typing import Any, TypeVar
 
-import aiohttp
 from kubernetes.aio import client
 from kubernetes.aio.client.api_client import ApiClient
 from kubernetes.aio.client.exceptions import ApiException
@@ -84,6 +84,17 @@ LEASE_NAME = "poolbudget-operator"
 EXIT_LOST = 1
 # How often an unreachable API server is mentioned while a standby waits it out.
 QUIET_SECONDS = 30.0
+
+
+class _Retold(logging.Filter):
+    """Drops the elector's line per failed Lease read (one per retry period for as long as
+    the API server is away); FencedLeaseLock says it once in QUIET_SECONDS instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Error retrieving resource lock")
+
+
+logging.getLogger(LeaderElection.__module__).addFilter(_Retold())
 
 
 def new_identity() -> str:
@@ -119,7 +130,7 @@ class FencedLeaseLock(LeaseLock):
                 result = await call(self.request_timeout)
         except ApiException:
             raise
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        except Exception as exc:  # timeouts, aiohttp/TLS errors, a token that cannot refresh
             self._unreachable(exc)
             raise ApiException(status=0, reason=f"{type(exc).__name__}: {exc}") from None
         self._unreachable_since = None
@@ -131,11 +142,12 @@ class FencedLeaseLock(LeaseLock):
             self._unreachable_since = now
         if now - self._last_mentioned >= QUIET_SECONDS:
             self._last_mentioned = now
-            logger.warning(
-                "cannot reach the Lease (%s) for %.0f s; still trying",
-                type(exc).__name__,
-                now - self._unreachable_since,
-            )
+            if isinstance(exc, ApiException):
+                problem = f"cannot read the Lease ({exc.status} {exc.reason})"
+            else:
+                problem = f"cannot reach the Lease ({type(exc).__name__})"
+            elapsed = now - self._unreachable_since
+            logger.warning("%s for %.0f s; still trying", problem, elapsed)
 
     async def get(
         self, name: str, namespace: str
@@ -147,6 +159,8 @@ class FencedLeaseLock(LeaseLock):
                 )
             )
         except ApiException as exc:
+            if exc.status != HTTPStatus.NOT_FOUND:
+                self._unreachable(exc)  # 403 (RBAC), 5xx: said now and then, not per retry
             return False, exc
         self.lease_reference = lease
         return True, self.election_record(lease)
