@@ -303,9 +303,9 @@ def test_two_replicas_one_leads_and_another_takes_over(
     """A deleted pod shuts down and releases the Lease: the standby leads at once, or the
     pod the Deployment creates in its place if it asks first (both retry every 2 s; one CI
     run saw the replacement win). A killed process releases nothing: the kubelet restarts
-    its container, and whichever process takes the Lease first (the restarted one has the
-    same identity; the standby waits for the 15 s lease to expire) leads. Either way: one
-    leader, no write for nothing."""
+    its container, and whichever process takes the Lease first leads: the restarted one
+    has a new identity, so it waits for the 15 s lease to expire as the standby does.
+    Either way: one leader, no write for nothing."""
     app = restricted_namespace("shop")
     install(helm, operator_image, system, "--set", "replicaCount=2")
     pods = operator_pods(system)
