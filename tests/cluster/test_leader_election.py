@@ -3,7 +3,8 @@
 Short timings keep it quick: lease 6 s, renew deadline 4 s (the fence), retry 1 s.
 A poller records when each process's `poolbudget_api_writes_total` rises; a process that
 has exited reports its final counts in its last log line. Together they show when each
-process wrote: never two at once, and nothing from an old leader once it resumes."""
+process wrote: never two at once, and nothing from an old leader once it resumes. The
+last test drives the write hook itself (KubeGateway with the fence) in this process."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lightkube import AsyncClient, KubeConfig
+from prometheus_client import REGISTRY
 
 from devtools.localcluster import LocalCluster, find_binaries
 from devtools.operator_process import OperatorProcess, wait_for
+from poolbudget.adapters.kube import FIELD_MANAGER, KubeGateway, NotLeaderError
+from poolbudget.adapters.leader import write_guard
+from poolbudget.domain.leadership import Fence
 from tests.e2e.support import Cluster, budget, deployment
 
 pytestmark = pytest.mark.cluster
@@ -216,3 +222,31 @@ def test_a_resumed_leader_writes_nothing_and_exits(
         first.resume()
         first.stop()
         second.stop()
+
+
+def refused_writes() -> float:
+    return REGISTRY.get_sample_value("poolbudget_api_writes_refused_total") or 0.0
+
+
+async def test_the_fence_stops_the_gateways_writes_before_they_are_sent(
+    control_plane: LocalCluster, shop: Cluster
+) -> None:
+    """The hook itself, in this process against the real API server: while the fence
+    holds a ConfigMap is written; once it has lapsed the write is refused (and counted),
+    and the API server never sees it."""
+    clock = [0.0]
+    fence = Fence(RENEW_DEADLINE, lambda: clock[0])
+    api = AsyncClient(config=KubeConfig.from_file(control_plane.kubeconfig),
+                      field_manager=FIELD_MANAGER)  # fmt: skip
+    kube = KubeGateway(api, may_write=write_guard(fence))
+    refused_before = refused_writes()
+    try:
+        fence.renewed(sent=0.0)
+        await kube.apply_configmap(shop.namespace, "fenced", {"n": "1"}, {}, {})
+        clock[0] = RENEW_DEADLINE  # the deadline passed since the last renewal was sent
+        with pytest.raises(NotLeaderError):
+            await kube.apply_configmap(shop.namespace, "fenced", {"n": "2"}, {}, {})
+    finally:
+        await kube.close()
+    assert shop.configmap("fenced") == {"n": "1"}
+    assert refused_writes() == refused_before + 1
