@@ -15,13 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lightkube import AsyncClient, KubeConfig
 from prometheus_client import REGISTRY
 
 from devtools.localcluster import LocalCluster, find_binaries
 from devtools.operator_process import OperatorProcess, wait_for
-from poolbudget.adapters.kube import FIELD_MANAGER, KubeGateway, NotLeaderError
-from poolbudget.adapters.leader import write_guard
+from poolbudget.adapters.credentials import load_configuration
+from poolbudget.adapters.kube import KubeGateway, NotLeaderError
 from poolbudget.domain.leadership import Fence
 from tests.e2e.support import Cluster, budget, deployment
 
@@ -225,7 +224,8 @@ def test_a_resumed_leader_writes_nothing_and_exits(
 
 
 def refused_writes() -> float:
-    return REGISTRY.get_sample_value("poolbudget_api_writes_refused_total") or 0.0
+    labels = {"kind": "configmap", "reason": "NotLeader"}
+    return REGISTRY.get_sample_value("poolbudget_api_writes_refused_total", labels) or 0.0
 
 
 async def test_the_fence_stops_the_gateways_writes_before_they_are_sent(
@@ -236,9 +236,8 @@ async def test_the_fence_stops_the_gateways_writes_before_they_are_sent(
     and the API server never sees it."""
     clock = [0.0]
     fence = Fence(RENEW_DEADLINE, lambda: clock[0])
-    api = AsyncClient(config=KubeConfig.from_file(control_plane.kubeconfig),
-                      field_manager=FIELD_MANAGER)  # fmt: skip
-    kube = KubeGateway(api, may_write=write_guard(fence))
+    configuration = await load_configuration(kubeconfig=str(control_plane.kubeconfig))
+    kube = KubeGateway(configuration, may_write=fence.holds)
     refused_before = refused_writes()
     try:
         fence.renewed(sent=0.0)
