@@ -128,7 +128,7 @@ async def test_an_informer_forbidden_to_list_is_not_ready_then_not_live(
         "--namespace",
         ns,
         "--verb=list,watch",
-        "--resource=horizontalpodautoscalers.autoscaling,poolbudgets.poolbudget.dev",
+        "--resource=horizontalpodautoscalers.autoscaling,poolbudgets.poolbudget.dev,configmaps",
     )
     cluster.kubectl(
         "create",
