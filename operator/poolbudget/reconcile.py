@@ -170,6 +170,11 @@ class BudgetMemory:
     # hands us may not show our own patch yet, and fields like restartedTime must not be
     # lost to that race.
     last_status: dict[str, Any] | None = None
+    # The status as last written to the API server (last_status may be newer: see
+    # status_hold_until), None until this process writes one.
+    written_status: dict[str, Any] | None = None
+    # After a restart, status writes wait until then (loop time): see Reconciler._finish.
+    status_hold_until: float | None = None
     # Per Deployment, the config hash last seen on its pod template while it was the one
     # wanted: a template that loses it while the settings stay the same was written by
     # someone else.
@@ -229,6 +234,8 @@ class EventNotes:
 VOLATILE_DATABASE_FIELDS = ("connectionsInUse", "observedTime")
 MIN_BACKOFF_SECONDS = 5.0
 RECHECK_AFTER_WRITE_SECONDS = 1.0
+# How long after restarting Deployments a budget's status write waits (see _finish).
+STATUS_SETTLE_SECONDS = 1.0
 
 
 @dataclass
@@ -237,6 +244,7 @@ class Reconciler:
     prober_factory: Callable[[str], DatabaseProber]
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     monotonic: Callable[[], float] = field(default=lambda: asyncio.get_running_loop().time())
+    status_settle_seconds: float = STATUS_SETTLE_SECONDS
 
     async def reconcile(
         self, budget: BudgetObject, observed: Observed, memory: BudgetMemory
@@ -563,6 +571,9 @@ class Reconciler:
                     "their ConfigMaps are kept current",
                     entry=action.name,
                 )
+
+        if restarted:
+            memory.status_hold_until = self.monotonic() + self.status_settle_seconds
 
         # 7. Status.
         allocations = self._allocations_status(
@@ -892,11 +903,26 @@ class Reconciler:
         written = False
         # Before the status: whoever sees the new status can find the Events that explain it.
         await self._post_events(events)
-        changed = status_changes(previous, status)
+        # The next reconcile builds on this status (restartedTime, transition times),
+        # whether or not it is written now.
+        memory.last_status = status
+        hold = memory.status_hold_until
+        if outcome == "ok" and hold is not None and self.monotonic() < hold:
+            # Deployments were just restarted. The Deployment controller answers within
+            # moments, and each answer changes the status (observed, updated, complete):
+            # written every time, a change cost 2-4 status writes (a cold start, one per
+            # round per budget). Written once the restarts had a moment to settle, it
+            # usually says how they went, once. Ready and the rest are that much later.
+            wait = hold - self.monotonic()
+            next_check = wait if next_check is None else min(next_check, wait)
+            return Outcome(next_check_seconds=next_check, status=status, status_written=False)
+        memory.status_hold_until = None
+        on_server = memory.written_status if memory.written_status is not None else budget.status
+        changed = status_changes(on_server, status)
         if changed:
             await self.kube.patch_budget_status(budget.namespace, budget.name, status)
             written = True
-            memory.last_status = status
+            memory.written_status = status
             logger.info(
                 "%s/%s: %s; %s; changed: %s",
                 budget.namespace,

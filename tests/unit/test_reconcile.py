@@ -19,7 +19,13 @@ from poolbudget.domain.activity import ActivityRow, DatabaseActivity, SessionSta
 from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.facts import DatabaseFacts
 from poolbudget.domain.observe import DeploymentState
-from poolbudget.reconcile import BudgetMemory, BudgetObject, Reconciler, status_changes
+from poolbudget.reconcile import (
+    STATUS_SETTLE_SECONDS,
+    BudgetMemory,
+    BudgetObject,
+    Reconciler,
+    status_changes,
+)
 
 DSN = "postgresql://monitor:hunter2-secret@db:5432/shop"
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -128,6 +134,7 @@ class World:
     probers: list[FakeProber] = field(default_factory=list)
     time: float = 1000.0
     status: dict[str, Any] = field(default_factory=dict)
+    server_status: dict[str, Any] = field(default_factory=dict)  # as the API server has it
     memory: BudgetMemory = field(default_factory=BudgetMemory)
     spec: dict[str, Any] = field(default_factory=lambda: {
         "database": {"connectionSecretRef": {"name": "shop-db", "key": "dsn"}, "refreshSeconds": 60},
@@ -156,10 +163,12 @@ class World:
             monotonic=lambda: self.time,
         )
         budget = BudgetObject(namespace="shop", name="shop", uid="u1", generation=1, created="2026-01-01T00:00:00Z",
-                              spec=self.spec, status=self.status)  # fmt: skip
+                              spec=self.spec, status=self.server_status)  # fmt: skip
         observed = Observed(deployments=self.deployments, hpa_max_replicas={}, claims={})
         outcome = await reconciler.reconcile(budget, observed, self.memory)
-        self.status = outcome.status
+        self.status = outcome.status  # what this round decided (written or held)
+        if outcome.status_written:
+            self.server_status = outcome.status
         # What the cluster would now show: the template carries the hash we patched.
         for kind, name in self.kube.writes:
             if kind == "restart":
@@ -211,7 +220,10 @@ async def test_one_event_per_reason_names_every_target_and_comes_before_the_stat
     assert "; cron-db-pool created" in updated
     assert restarted.startswith("Deployments restarted to pick up their pool settings (3): api (")
     kinds = [kind for kind, _ in world.kube.writes]
-    assert kinds == ["configmap"] * 3 + ["restart"] * 3 + ["event", "event", "status"]
+    assert kinds == ["configmap"] * 3 + ["restart"] * 3 + ["event", "event"]
+    world.time += STATUS_SETTLE_SECONDS  # the status waits for the restarts to settle
+    await world.reconcile()
+    assert [kind for kind, _ in world.kube.writes][len(kinds) :] == ["status"]
 
     # One target: the event reads as a single change always did.
     single = World()
@@ -682,3 +694,34 @@ async def test_a_budget_without_a_database_connection_has_no_watch() -> None:
     assert [c["type"] for c in world.status["conditions"]] == [
         "Ready", "DatabaseObserved", "BudgetFeasible", "RolloutComplete"
     ]  # fmt: skip
+
+
+async def test_after_a_restart_the_status_is_written_once_the_rollout_had_a_moment() -> None:
+    """Each Deployment-controller answer to a restart changes the status (observed,
+    updated, complete); written every round, one change cost 2-4 status writes. The
+    rounds within STATUS_SETTLE_SECONDS of a restart keep their status in memory and ask
+    to look again when the hold ends; the round after it writes once, what is true then."""
+    world = World()
+    await world.reconcile()  # ConfigMap, restart: the status is held
+    kinds = [kind for kind, _ in world.kube.writes]
+    assert kinds == ["configmap", "restart", "event", "event"]
+    assert world.memory.written_status is None
+    held = world.memory.last_status
+    assert held is not None
+    assert held["allocations"][0]["state"] == "Rolling"
+    # The controller answers at once: the rollout is done; that round still holds.
+    world.time += 0.2
+    await world.reconcile()
+    assert "status" not in [kind for kind, _ in world.kube.writes]
+    world.time += STATUS_SETTLE_SECONDS
+    await world.reconcile()
+    statuses = [kind for kind, _ in world.kube.writes if kind == "status"]
+    assert statuses == ["status"]
+    written = world.memory.written_status
+    assert written is not None
+    assert written["allocations"][0]["state"] != "Rolling"
+    assert written["allocations"][0]["restartedTime"] == held["allocations"][0]["restartedTime"]
+    # Nothing new: nothing written.
+    world.time += 5
+    await world.reconcile()
+    assert [kind for kind, _ in world.kube.writes if kind == "status"] == ["status"]
