@@ -40,6 +40,40 @@ class Resource:
         return f"{root}{scope}/{self.plural}"
 
 
+async def request(
+    client: ApiClient,
+    method: str,
+    path: str,
+    *,
+    timeout: float,  # noqa: ASYNC109 (passed to the client: aiohttp's total timeout)
+    query: list[tuple[str, Any]] | None = None,
+    body: Any = None,
+    content_type: str | None = None,
+) -> aiohttp.ClientResponse:
+    """One raw call: `method` on `path` (an API path such as /api/v1/namespaces/x/...),
+    bounded by `timeout` in all; the bare response, whatever its status (see read_json).
+
+    The generated API classes (CoreV1Api and the rest) are not used: importing them loads
+    hundreds of model classes, about 30 MiB of the operator's resident memory, to build
+    requests this builds in a line."""
+    headers = {"Accept": "application/json"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    method, url, headers, body, _ = await client.param_serialize(
+        method,
+        path,
+        query_params=query or [],
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    response = await client.call_api(
+        method, url, header_params=headers, body=body, _request_timeout=float(timeout)
+    )
+    # RESTResponse is untyped; its `response` is the aiohttp response it wraps.
+    return cast(aiohttp.ClientResponse, response.response)
+
+
 def api_client(configuration: Configuration, connections: int) -> ApiClient:
     """An ApiClient with its own aiohttp session of at most `connections` connections."""
     return ApiClient(with_pool(configuration, connections))

@@ -6,10 +6,10 @@ API errors into the small set of exceptions the reconciler understands. Each wri
 counted in the `poolbudget_api_writes_total` metric, which is how tests prove that a
 no-op reconcile writes nothing.
 
-Responses are read as raw JSON (the `*_without_preload_content` calls), never as the
-generated models: a patched Deployment comes back whole, and modelling it to throw it away
-costs more than the request. Request bodies are plain dicts, except the Event, whose call
-only takes the model.
+Requests are built and read as raw JSON (apiclient.request), never through the
+generated API classes and models: a patched Deployment comes back whole, and modelling it
+to throw it away costs more than the request; importing those classes alone costs about
+30 MiB of resident memory.
 """
 
 from __future__ import annotations
@@ -23,16 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
-from kubernetes.aio.client import (
-    AppsV1Api,
-    Configuration,
-    CoreV1Api,
-    CoreV1Event,
-    CustomObjectsApi,
-    V1EventSource,
-    V1ObjectMeta,
-    V1ObjectReference,
-)
+from kubernetes.aio.client import ApiClient, Configuration
 from kubernetes.aio.client.exceptions import ApiException
 
 from poolbudget import metrics
@@ -42,6 +33,7 @@ from poolbudget.adapters.apiclient import (
     api_client,
     close_client,
     read_json,
+    request,
 )
 from poolbudget.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
@@ -88,6 +80,10 @@ class ConfigMapView:
     data: dict[str, str]
     labels: dict[str, str]
     annotations: dict[str, str]
+
+
+def _budget_path(namespace: str, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
 
 
 def configmap_view(body: dict[str, Any]) -> ConfigMapView:
@@ -145,14 +141,11 @@ class KubeGateway:
         configmaps: ConfigMapCache | None = None,
         timeout: float = REQUEST_TIMEOUT_SECONDS,
     ) -> None:
-        self._client = api_client(configuration, MAX_IN_FLIGHT)
-        self._core = CoreV1Api(self._client)
-        self._apps = AppsV1Api(self._client)
-        self._custom = CustomObjectsApi(self._client)
+        self._client: ApiClient = api_client(configuration, MAX_IN_FLIGHT)
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._may_write = may_write
         self._configmaps = configmaps
-        self._timeout = float(timeout)  # the generated calls take a StrictFloat, not an int
+        self._timeout = float(timeout)
 
     async def close(self) -> None:
         await close_client(self._client)
@@ -161,9 +154,7 @@ class KubeGateway:
         what = f"Secret {namespace}/{name}"
         secret = await self._get(
             what,
-            lambda: self._core.read_namespaced_secret_without_preload_content(
-                name=name, namespace=namespace, _request_timeout=self._timeout
-            ),
+            lambda: self._call("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"),
         )
         if secret is None:
             raise NotFoundError(f"{what} not found")
@@ -184,9 +175,7 @@ class KubeGateway:
         exist. Needs only `get` on Secrets; the value is read but never kept."""
         secret = await self._get(
             f"Secret {namespace}/{name}",
-            lambda: self._core.read_namespaced_secret_without_preload_content(
-                name=name, namespace=namespace, _request_timeout=self._timeout
-            ),
+            lambda: self._call("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"),
         )
         if secret is None:
             return None
@@ -216,9 +205,7 @@ class KubeGateway:
         metrics.CONFIGMAP_READS.labels(source="api").inc()
         configmap = await self._get(
             f"ConfigMap {namespace}/{name}",
-            lambda: self._core.read_namespaced_config_map_without_preload_content(
-                name=name, namespace=namespace, _request_timeout=self._timeout
-            ),
+            lambda: self._call("GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}"),
         )
         return None if configmap is None else configmap_view(configmap)
 
@@ -226,14 +213,7 @@ class KubeGateway:
         """Whether a PoolBudget of that name exists (to adopt ConfigMaps it left behind)."""
         budget = await self._get(
             f"PoolBudget {namespace}/{name}",
-            lambda: self._custom.get_namespaced_custom_object_without_preload_content(
-                group=GROUP,
-                version=VERSION,
-                namespace=namespace,
-                plural=PLURAL,
-                name=name,
-                _request_timeout=self._timeout,
-            ),
+            lambda: self._call("GET", _budget_path(namespace, name)),
         )
         return budget is not None
 
@@ -261,14 +241,12 @@ class KubeGateway:
             "configmap",
             namespace,
             f"ConfigMap {namespace}/{name}",
-            lambda: self._core.patch_namespaced_config_map_without_preload_content(
-                name=name,
-                namespace=namespace,
+            lambda: self._call(
+                "PATCH",
+                f"/api/v1/namespaces/{namespace}/configmaps/{name}",
+                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
                 body=configmap,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type=APPLY,
-                _request_timeout=self._timeout,
+                content_type=APPLY,
             ),
         )
         if self._configmaps is not None:
@@ -285,13 +263,12 @@ class KubeGateway:
             "deployment",
             namespace,
             f"Deployment {namespace}/{deployment}",
-            lambda: self._apps.patch_namespaced_deployment_without_preload_content(
-                name=deployment,
-                namespace=namespace,
+            lambda: self._call(
+                "PATCH",
+                f"/apis/apps/v1/namespaces/{namespace}/deployments/{deployment}",
+                query=[("fieldManager", FIELD_MANAGER)],
                 body=patch,
-                field_manager=FIELD_MANAGER,
-                _content_type=MERGE_PATCH,
-                _request_timeout=self._timeout,
+                content_type=MERGE_PATCH,
             ),
         )
 
@@ -301,48 +278,64 @@ class KubeGateway:
             "status",
             namespace,
             f"PoolBudget {namespace}/{name} status",
-            lambda: self._custom.patch_namespaced_custom_object_status_without_preload_content(
-                group=GROUP,
-                version=VERSION,
-                namespace=namespace,
-                plural=PLURAL,
-                name=name,
+            lambda: self._call(
+                "PATCH",
+                f"{_budget_path(namespace, name)}/status",
+                query=[("fieldManager", FIELD_MANAGER)],
                 body={"status": status},
-                field_manager=FIELD_MANAGER,
-                _content_type=MERGE_PATCH,
-                _request_timeout=self._timeout,
+                content_type=MERGE_PATCH,
             ),
         )
 
     async def post_event(self, budget: BudgetRef, type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the PoolBudget, as `kubectl describe pbud` shows them."""
         now = datetime.now(UTC)
-        event = CoreV1Event(
-            metadata=V1ObjectMeta(generate_name=f"{budget.name}.", namespace=budget.namespace),
-            involved_object=V1ObjectReference(
-                api_version=API_VERSION,
-                kind=KIND,
-                name=budget.name,
-                namespace=budget.namespace,
-                uid=budget.uid,
-            ),
-            type=type_,
-            reason=reason,
-            message=message[:1024],
-            source=V1EventSource(component=FIELD_MANAGER),
-            reporting_component=FIELD_MANAGER,
-            reporting_instance=FIELD_MANAGER,
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-        )
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{budget.name}.", "namespace": budget.namespace},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": budget.name,
+                "namespace": budget.namespace,
+                "uid": budget.uid,
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": FIELD_MANAGER,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
         await self._write(
             "event",
             budget.namespace,
             f"Event on PoolBudget {budget.namespace}/{budget.name}",
-            lambda: self._core.create_namespaced_event_without_preload_content(
-                namespace=budget.namespace, body=event, _request_timeout=self._timeout
-            ),
+            lambda: self._call("POST", f"/api/v1/namespaces/{budget.namespace}/events", body=event),
+        )
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> Awaitable[aiohttp.ClientResponse]:
+        return request(
+            self._client,
+            method,
+            path,
+            timeout=self._timeout,
+            query=query,
+            body=body,
+            content_type=content_type,
         )
 
     async def _write(self, kind: str, namespace: str, what: str, call: Call) -> dict[str, Any]:
