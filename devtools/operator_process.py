@@ -49,6 +49,12 @@ class OperatorProcess:
     metrics_port: int = field(default_factory=free_port)
     health_port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
+    # The interpreter that runs `poolbudget.cli`: this checkout's by default; the bench's
+    # --baseline passes the python of a virtualenv holding an older commit, with
+    # `python_args=("-I",)` so neither PYTHONPATH nor the working directory can put this
+    # checkout's package in front of that one.
+    python: str = sys.executable
+    python_args: tuple[str, ...] = ()
     # Killed if the process that started it dies (a crashed test or bench leaves no orphan);
     # `make demo DEMO_ARGS=--keep` turns this off.
     die_with_parent: bool = True
@@ -63,7 +69,7 @@ class OperatorProcess:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self._process = subprocess.Popen(
                 [
-                    sys.executable, "-m", "poolbudget.cli", "run",
+                    self.python, *self.python_args, "-m", "poolbudget.cli", "run",
                     "--metrics-port", str(self.metrics_port),
                     "--health-port", str(self.health_port),
                     "--bind-address", "127.0.0.1",
