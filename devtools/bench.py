@@ -15,6 +15,14 @@
 
     python -m devtools.bench [--changes 50] [--budgets 100] [--deployments 1000] [--json PATH]
     python -m devtools.bench --parts activity [--activity-connections 1000] [--activity-runs 50]
+    python -m devtools.bench --parts latency,noop,scale --baseline 109eb5a
+
+--baseline REF measures an older commit's operator in the same run, on the same cluster:
+its checkout and virtualenv are prepared once and cached (devtools/baseline.py); the
+latency, noop and scale parts run first with it, then with this checkout's, never both at
+once, each in namespaces of its own, the next starting only once the previous one's are
+deleted. One table then sets the two side by side; the JSON holds the baseline's figures,
+in the same shape, under "baseline".
 
 Only the parts selected with --parts run; the local cluster is started only for those that
 need one (latency, noop, floor, scale).
@@ -36,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +54,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 
+from devtools.baseline import REPORTED_PACKAGES, Baseline, prepare
 from devtools.localcluster import LocalCluster, find_binaries
 from devtools.operator_process import OperatorProcess, wait_for
 from devtools.pgserver import PostgresServer
@@ -53,6 +63,8 @@ from poolbudget.adapters.postgres import DatabaseProbe
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_PARTS = {"latency", "noop", "floor", "scale"}
+# What --baseline measures for both operators (the floors and activity involve neither).
+BASELINE_PARTS = {"latency", "noop", "scale"}
 # The activity part's fleet: a few application names, as a budget's targets would have.
 ACTIVITY_APPLICATIONS = 20
 ACTIVITY_CONNECT_BATCH = 50
@@ -64,6 +76,34 @@ FLOORS = {"one_write": "watch + patch annotation", "two_writes": "watch + apply 
 MERGE_PATCH = "application/merge-patch+json"
 KUBECTL_PATCH_RUNS = 10
 APPLY_PATCH = "application/apply-patch+yaml"
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One operator under test: this checkout's, or --baseline's from its own venv."""
+
+    key: str  # "head" or "baseline"
+    label: str  # its column in the before/after table
+    prefix: str  # of the namespaces its parts create
+    python: str = sys.executable
+    python_args: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, baseline: Baseline) -> Contender:
+        return cls("baseline", f"before ({baseline.ref})", "bench-base-", baseline.python, ("-I",))
+
+    def operator(self, cluster: LocalCluster, state: Path, part: str) -> OperatorProcess:
+        suffix = "" if self.key == "head" else f"-{self.key}"
+        return OperatorProcess(
+            kubeconfig=cluster.kubeconfig, log_path=state / f"operator{part}{suffix}.log",
+            python=self.python, python_args=self.python_args,
+        )  # fmt: skip
+
+    def scale_namespaces(self, budgets: int) -> list[str]:
+        return [f"{self.prefix}scale-{i}" for i in range(max(1, budgets // 50))]
+
+
+HEAD = Contender("head", "after (HEAD)", "bench-")
 
 
 class Kube:
@@ -185,8 +225,9 @@ def apply(cluster: LocalCluster, namespace: str, documents: list[dict[str, Any]]
     cluster.kubectl("-n", namespace, "apply", "--server-side", "-f", "-", input=text, timeout=900)
 
 
-def measure_reaction(cluster: LocalCluster, kube: Kube, changes: int) -> dict[str, Any]:
-    namespace = "bench-latency"
+def measure_reaction(
+    cluster: LocalCluster, kube: Kube, changes: int, namespace: str = "bench-latency"
+) -> dict[str, Any]:
     cluster.kubectl("create", "namespace", namespace)
     results: dict[str, Any] = {}
     with PodReadier(str(cluster.kubeconfig), [namespace]):
@@ -319,8 +360,9 @@ def measure_floor(cluster: LocalCluster, kube: Kube, changes: int, writes: str) 
     return {"deployment_scaled": summary(latencies)}
 
 
-def measure_noop(cluster: LocalCluster, operator: OperatorProcess, rounds: int) -> dict[str, Any]:
-    namespace = "bench-noop"
+def measure_noop(
+    cluster: LocalCluster, operator: OperatorProcess, rounds: int, namespace: str = "bench-noop"
+) -> dict[str, Any]:
     cluster.kubectl("create", "namespace", namespace)
     with PostgresServer(major=16, settings={"max_connections": "100"}) as database, \
             PodReadier(str(cluster.kubeconfig), [namespace]):  # fmt: skip
@@ -396,21 +438,34 @@ def measure_noop(cluster: LocalCluster, operator: OperatorProcess, rounds: int) 
     return result
 
 
-def process_figures(pid: int) -> tuple[float, float]:
-    """(peak RSS MiB, CPU seconds) of a live process, from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    peak_kib = next(
-        int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")
+def process_figures(pid: int) -> tuple[float, float, float]:
+    """(peak RSS MiB, RSS now MiB, CPU seconds) of a live process, from /proc."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
     )
+    peak_kib, now_kib = (int(status[key].split()[0]) for key in ("VmHWM", "VmRSS"))
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # utime + stime
-    return peak_kib / 1024, ticks / 100
+    return peak_kib / 1024, now_kib / 1024, ticks / 100
+
+
+def wait_namespaces_gone(cluster: LocalCluster, namespaces: list[str]) -> float:
+    """Seconds until none of `namespaces` exists any more (their objects collected too:
+    the namespace controller removes a namespace only once it is empty)."""
+    started = time.monotonic()
+
+    def gone() -> bool:
+        listed = cluster.kubectl("get", "namespaces", "-o", "name").stdout.split()
+        return not {name.removeprefix("namespace/") for name in listed} & set(namespaces)
+
+    wait_for(gone, timeout=3600, interval=2.0, what=f"namespaces deleted: {', '.join(namespaces)}")
+    return time.monotonic() - started
 
 
 def measure_scale(
-    cluster: LocalCluster, state: Path, budgets: int, deployments: int
+    cluster: LocalCluster, state: Path, budgets: int, deployments: int, contender: Contender = HEAD
 ) -> dict[str, Any]:
-    namespaces = [f"bench-scale-{i}" for i in range(max(1, budgets // 50))]
+    namespaces = contender.scale_namespaces(budgets)
     per_budget = max(1, deployments // budgets)
     for namespace in namespaces:
         cluster.kubectl("create", "namespace", namespace)
@@ -425,7 +480,7 @@ def measure_scale(
         )
     created = time.monotonic() - started
 
-    operator = OperatorProcess(kubeconfig=cluster.kubeconfig, log_path=state / "operator-scale.log")
+    operator = contender.operator(cluster, state, "-scale")
 
     def converged() -> bool:
         # Every budget reconciled and the last pass wrote nothing: the level is reached.
@@ -439,7 +494,7 @@ def measure_scale(
         ready = sum(
             any(c["type"] == "Ready" and c["status"] == "True"
                 for c in (b.get("status") or {}).get("conditions") or [])
-            for b in listed
+            for b in listed if b["metadata"]["namespace"] in namespaces
         )  # fmt: skip
         return ready >= budgets
 
@@ -460,9 +515,11 @@ def measure_scale(
             if now != last:
                 last, quiet_since = now, time.monotonic()
         settled = time.monotonic() - begun - 5
-        rss, cpu = process_figures(operator.pid)
+        # Read once the writes have settled: the peak so far, what the process holds now.
+        peak, steady, cpu = process_figures(operator.pid)
         return {"every_budget_reconciled_s": round(first_pass, 1), "every_budget_ready_s": round(ready_s, 1),
-                "writes_settled_s": round(settled, 1), "peak_rss_mib": round(rss, 1), "cpu_s": round(cpu, 1),
+                "writes_settled_s": round(settled, 1), "peak_rss_mib": round(peak, 1),
+                "steady_rss_mib": round(steady, 1), "cpu_s": round(cpu, 1),
                 "api_writes": last, "api_writes_by_kind": operator.api_writes_by_kind()}  # fmt: skip
 
     cold = settle("cold start")
@@ -552,6 +609,12 @@ def main(argv: list[str] | None = None) -> int:
         "--parts", default="latency,noop,floor,scale,activity", help="comma-separated subset"
     )
     parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure this commit's operator (latency, noop, scale), first, in the same "
+        "run on the same cluster; one table sets the two side by side",
+    )
+    parser.add_argument(
         "--floor-agent",
         nargs=3,
         metavar=("KUBECONFIG", "NAMESPACE", "WRITES"),
@@ -566,8 +629,24 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := parts - CLUSTER_PARTS - {"activity"}:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     results: dict[str, Any] = {"machine": {"cpus": len(os.sched_getaffinity(0))}}
+    baseline = None
+    if args.baseline:
+        if not parts & BASELINE_PARTS:
+            parser.error(
+                f"--baseline compares only these parts: {', '.join(sorted(BASELINE_PARTS))}"
+            )
+        print(f"baseline {args.baseline}: checkout and virtualenv ...", flush=True)
+        baseline = prepare(args.baseline)
+        print(f"  {baseline.sha} {'reused' if baseline.reused else 'prepared'} in "
+              f"{baseline.seconds:.1f} s: {baseline.root}", flush=True)  # fmt: skip
+        results["head"] = head_commit()
+        results["baseline"] = {"commit": {
+            "ref": baseline.ref, "sha": baseline.sha, "ran_first": True,
+            "prepare_s": round(baseline.seconds, 1), "prepare_reused": baseline.reused,
+            "packages": {k: v for k, v in baseline.packages.items() if k in REPORTED_PACKAGES},
+        }}  # fmt: skip
     if parts & CLUSTER_PARTS:
-        measure_on_cluster(args, parts, results)
+        measure_on_cluster(args, parts, results, baseline)
     if "activity" in parts:
         print(f"activity query: 10 and {args.activity_connections} connections ...", flush=True)
         results["activity"] = measure_activity(args.activity_connections, args.activity_runs)
@@ -577,34 +656,71 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure_on_cluster(args: argparse.Namespace, parts: set[str], results: dict[str, Any]) -> None:
+def head_commit() -> dict[str, Any]:
+    """The commit this checkout is at, and whether its files differ from it."""
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()  # fmt: skip
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    return {"sha": sha, "uncommitted_changes": bool(changed)}
+
+
+def measure_on_cluster(
+    args: argparse.Namespace, parts: set[str], results: dict[str, Any], baseline: Baseline | None
+) -> None:
+    """Each contender's parts in turn (the baseline's first), one operator process at a time;
+    the next one starts once the namespaces of the previous one are deleted."""
+    contenders = [*([Contender.of(baseline)] if baseline else []), HEAD]
+    # Where each one's figures go: this checkout's at the top level, as without --baseline.
+    into = {HEAD.key: results, **({"baseline": results["baseline"]} if baseline else {})}
+    tag = {c.key: f" [{c.label}]" if baseline else "" for c in contenders}
     state = Path(tempfile.mkdtemp(prefix="poolbudget-bench-"))
     state.chmod(0o755)
     with LocalCluster(state / "cluster", binaries=find_binaries(build=True)) as cluster:
         cluster.kubectl("apply", "-f", str(REPO / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "crd/poolbudgets.poolbudget.dev")
         kube = Kube(str(cluster.kubeconfig))
-        operator = OperatorProcess(kubeconfig=cluster.kubeconfig, log_path=state / "operator.log")
-        operator.start()
-        try:
-            if "latency" in parts:
-                print("reaction latency ...", flush=True)
-                results["operator"] = measure_reaction(cluster, kube, args.changes)
-            if "noop" in parts:
-                print("no-op reconciles ...", flush=True)
-                results["noop"] = measure_noop(cluster, operator, args.noop_rounds)
-        finally:
-            operator.stop()
+        if parts & {"latency", "noop"}:
+            for i, contender in enumerate(contenders):
+                operator = contender.operator(cluster, state, "")
+                operator.start()
+                created = []
+                try:
+                    if "latency" in parts:
+                        print(f"reaction latency{tag[contender.key]} ...", flush=True)
+                        created.append(f"{contender.prefix}latency")
+                        into[contender.key]["operator"] = measure_reaction(
+                            cluster, kube, args.changes, created[-1]
+                        )
+                    if "noop" in parts:
+                        print(f"no-op reconciles{tag[contender.key]} ...", flush=True)
+                        created.append(f"{contender.prefix}noop")
+                        into[contender.key]["noop"] = measure_noop(
+                            cluster, operator, args.noop_rounds, created[-1]
+                        )
+                finally:
+                    operator.stop()
+                if i < len(contenders) - 1:
+                    print(f"  waiting until {', '.join(created)} are deleted ...", flush=True)
+                    wait_namespaces_gone(cluster, created)
         if "floor" in parts:
             results["floor"] = {}
             for writes, label in FLOORS.items():
                 print(f"floor ({label}) ...", flush=True)
                 results["floor"][writes] = measure_floor(cluster, kube, args.changes, writes)
         if "scale" in parts:
-            print(
-                f"scale: {args.budgets} budgets over {args.deployments} deployments ...", flush=True
-            )
-            results["scale"] = measure_scale(cluster, state, args.budgets, args.deployments)
+            for i, contender in enumerate(contenders):
+                print(f"scale: {args.budgets} budgets over {args.deployments} deployments"
+                      f"{tag[contender.key]} ...", flush=True)  # fmt: skip
+                figures = measure_scale(cluster, state, args.budgets, args.deployments, contender)
+                if i < len(contenders) - 1:
+                    # Deleting thousands of Deployments (and their ReplicaSets, ConfigMaps,
+                    # Events) keeps the API server and the garbage collector busy for a while:
+                    # the next operator starts on a quiet cluster.
+                    print("  waiting until its namespaces are deleted ...", flush=True)
+                    gone = wait_namespaces_gone(cluster, contender.scale_namespaces(args.budgets))
+                    figures["namespaces_deleted_s"] = round(gone, 1)
+                into[contender.key]["scale"] = figures
         kube.close()
 
 
@@ -617,6 +733,8 @@ def print_table(results: dict[str, Any]) -> None:
         print_scale(results)
     if "activity" in results:
         print_activity(results)
+    if "baseline" in results:
+        print_comparison(results)
 
 
 def print_latency(results: dict[str, Any]) -> None:
@@ -672,8 +790,8 @@ def print_scale(results: dict[str, Any]) -> None:
         s = scale_[label]
         print(f"  {label:14} every budget reconciled {s['every_budget_reconciled_s']:>6} s, "
               f"Ready {s['every_budget_ready_s']:>6} s, writes settled "
-              f"{s['writes_settled_s']:>6} s, peak RSS {s['peak_rss_mib']:>6} MiB, CPU {s['cpu_s']:>6} s, "
-              f"API writes {s['api_writes']:.0f}")  # fmt: skip
+              f"{s['writes_settled_s']:>6} s, peak RSS {s['peak_rss_mib']:>6} MiB, "
+              f"steady RSS {s['steady_rss_mib']:>6} MiB, CPU {s['cpu_s']:>6} s, API writes {s['api_writes']:.0f}")  # fmt: skip
         kinds = ", ".join(
             f"{k} {v:.0f}" for k, v in sorted(s.get("api_writes_by_kind", {}).items())
         )
@@ -692,6 +810,78 @@ def print_activity(results: dict[str, Any]) -> None:
             f"  {s['connections']:<24} {s['rows']:>5} {s['n']:>4} {s['p50_ms']:>8} {s['p95_ms']:>8} {s['p99_ms']:>8}"
         )
     print(f"  (opening the extra connections took {activity['open_connections_s']} s)")
+
+
+LATENCY_ROWS = {"deployment_scaled": "Deployment scaled", "poolbudget_edited": "PoolBudget edited",
+                "poolbudget_edited_kubectl": "PoolBudget edited (kubectl)"}  # fmt: skip
+NOOP_ROWS = {"reconciles": "reconciles", "api_writes": "API writes",
+             "new_db_connections": "new DB connections"}  # fmt: skip
+SCALE_ROWS = {"every_budget_reconciled_s": "every budget reconciled, s",
+              "every_budget_ready_s": "every budget Ready, s", "writes_settled_s": "writes settled, s",
+              "peak_rss_mib": "peak RSS (VmHWM), MiB", "steady_rss_mib": "steady RSS (VmRSS), MiB",
+              "cpu_s": "CPU, s", "api_writes": "API writes"}  # fmt: skip
+
+
+def comparison_rows(
+    before: dict[str, Any], after: dict[str, Any]
+) -> list[tuple[str, float | None, float | None]]:
+    """(label, before, after) for every figure the two runs share a part for."""
+
+    def pick(figures: dict[str, Any], *keys: str) -> float | None:
+        value: Any = figures
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return float(value)
+
+    rows: list[tuple[str, float | None, float | None]] = []
+    if "operator" in before and "operator" in after:
+        for key, label in LATENCY_ROWS.items():
+            for q in ("p50", "p95", "p99"):
+                path = ("operator", key, f"{q}_ms")
+                rows.append((f"latency: {label}, {q} ms", pick(before, *path), pick(after, *path)))
+    if "noop" in before and "noop" in after:
+        for key, label in NOOP_ROWS.items():
+            rows.append((f"no-op: {label}", pick(before, "noop", key), pick(after, "noop", key)))
+    if "scale" in before and "scale" in after:
+        for phase, name in (("cold_start", "cold start"), ("after_restart", "restart")):
+            for key, label in SCALE_ROWS.items():
+                path = ("scale", phase, key)
+                rows.append((f"{name}: {label}", pick(before, *path), pick(after, *path)))
+            kinds = sorted({*before["scale"][phase].get("api_writes_by_kind", {}),
+                            *after["scale"][phase].get("api_writes_by_kind", {})})  # fmt: skip
+            for kind in kinds:
+                by_kind = ("scale", phase, "api_writes_by_kind", kind)
+                rows.append((f"{name}: API writes, {kind}", pick(before, *by_kind) or 0.0,
+                             pick(after, *by_kind) or 0.0))  # fmt: skip
+    return rows
+
+
+def print_comparison(results: dict[str, Any]) -> None:
+    before = results["baseline"]
+    commit, head = before["commit"], results["head"]
+    packages = ", ".join(f"{k} {v}" for k, v in sorted(commit["packages"].items()))
+    dirty = " plus uncommitted changes" if head["uncommitted_changes"] else ""
+    print(f"\nbefore/after, one run, one cluster, one operator process at a time:\n"
+          f"  before = {commit['ref']} ({commit['sha'][:7]}; {packages}), ran first in each part\n"
+          f"  after  = HEAD ({head['sha'][:7]}{dirty}), this checkout's interpreter")  # fmt: skip
+    if "scale" in before and "scale" in results:
+        print(f"  scale: {results['scale']['budgets']} budgets over {results['scale']['deployments']} "
+              f"Deployments for each; the before namespaces took {before['scale'].get('namespaces_deleted_s', '?')} s "
+              f"to be deleted before the after part began")  # fmt: skip
+    left, right = f"before ({commit['ref']})", "after (HEAD)"
+    print(f"  {'':44} {left:>18} {right:>14} {'after/before':>13}")
+
+    def shown(value: float | None, counted: bool) -> str:
+        return "-" if value is None else f"{value:.0f}" if counted else f"{value:.1f}"
+
+    for label, old, new in comparison_rows(before, results):
+        if old is None and new is None:
+            continue
+        counted = label.startswith("no-op") or "API writes" in label
+        ratio = f"{new / old:.2f}x" if old and new is not None else "=" if old == new == 0 else "-"
+        print(f"  {label:44} {shown(old, counted):>18} {shown(new, counted):>14} {ratio:>13}")
 
 
 if __name__ == "__main__":
