@@ -257,13 +257,17 @@ def measure_reaction(
             )
 
         patches_before = budget_patches(cluster)
+        # One alternation over both loops: with an odd --changes, the kubectl loop would
+        # otherwise begin with the value the client loop ended on (no change, a timeout).
+        sent = 10
         for key, edit in (("poolbudget_edited", edit_with_client),
                           ("poolbudget_edited_kubectl", edit_with_kubectl)):  # fmt: skip
             edited: list[float] = []
-            for i in range(changes):
+            for _ in range(changes):
                 before = watch.current()
                 started = time.monotonic()
-                edit({"spec": {"reservedConnections": 40 if i % 2 == 0 else 10}})
+                sent = 40 if sent == 10 else 10
+                edit({"spec": {"reservedConnections": sent}})
                 edited.append(watch.wait_change(before) - started)
                 wait_for(lambda: rollout_done(kube, namespace, "api"), timeout=60, what="rollout")
             results[key] = summary(edited)
@@ -275,7 +279,7 @@ def measure_reaction(
         }
         # What the edits cost when made with `kubectl patch` (as this bench once did): the
         # same edit again, a no-op the API server answers without a write or an event.
-        same = json.dumps({"spec": {"reservedConnections": 40 if changes % 2 else 10}})
+        same = json.dumps({"spec": {"reservedConnections": sent}})
         kubectl_patch: list[float] = []
         for _ in range(KUBECTL_PATCH_RUNS):
             started = time.monotonic()
