@@ -173,8 +173,8 @@ class BudgetMemory:
     # The status as last written to the API server (last_status may be newer: see
     # status_hold_until), None until this process writes one.
     written_status: dict[str, Any] | None = None
-    # After a restart, status writes wait until then (loop time): see Reconciler._finish.
-    status_hold_until: float | None = None
+    # After a restart, status writes are held (loop times): see Reconciler._finish.
+    status_hold: StatusHold | None = None
     # Per Deployment, the config hash last seen on its pod template while it was the one
     # wanted: a template that loses it while the settings stay the same was written by
     # someone else.
@@ -187,6 +187,15 @@ class BudgetMemory:
     signals: SignalState = field(default_factory=SignalState)
     usage: BudgetUsage | None = None  # the last reading judged, shown until the next one
     usage_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StatusHold:
+    """Status writes held after a restart: at least until `settled`, and while a target
+    is still rolling out, until `give_up` (loop times)."""
+
+    settled: float
+    give_up: float
 
 
 @dataclass(frozen=True)
@@ -234,8 +243,11 @@ class EventNotes:
 VOLATILE_DATABASE_FIELDS = ("connectionsInUse", "observedTime")
 MIN_BACKOFF_SECONDS = 5.0
 RECHECK_AFTER_WRITE_SECONDS = 1.0
-# How long after restarting Deployments a budget's status write waits (see _finish).
+# After restarting Deployments, a budget's status write waits at least this long, and
+# while a restarted Deployment is still rolling out, at most STATUS_HOLD_MAX_SECONDS
+# (see _finish).
 STATUS_SETTLE_SECONDS = 1.0
+STATUS_HOLD_MAX_SECONDS = 15.0
 
 
 @dataclass
@@ -245,6 +257,7 @@ class Reconciler:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     monotonic: Callable[[], float] = field(default=lambda: asyncio.get_running_loop().time())
     status_settle_seconds: float = STATUS_SETTLE_SECONDS
+    status_hold_max_seconds: float = STATUS_HOLD_MAX_SECONDS
 
     async def reconcile(
         self, budget: BudgetObject, observed: Observed, memory: BudgetMemory
@@ -573,7 +586,14 @@ class Reconciler:
                 )
 
         if restarted:
-            memory.status_hold_until = self.monotonic() + self.status_settle_seconds
+            # A restart during a hold moves its settle time, never its end: restarts paced
+            # one after another must not keep the status unwritten.
+            moment = self.monotonic()
+            held = memory.status_hold
+            give_up = moment + self.status_hold_max_seconds if held is None else held.give_up
+            memory.status_hold = StatusHold(
+                settled=min(moment + self.status_settle_seconds, give_up), give_up=give_up
+            )
 
         # 7. Status.
         allocations = self._allocations_status(
@@ -906,17 +926,17 @@ class Reconciler:
         # The next reconcile builds on this status (restartedTime, transition times),
         # whether or not it is written now.
         memory.last_status = status
-        hold = memory.status_hold_until
-        if outcome == "ok" and hold is not None and self.monotonic() < hold:
-            # Deployments were just restarted. The Deployment controller answers within
-            # moments, and each answer changes the status (observed, updated, complete):
-            # written every time, a change cost 2-4 status writes (a cold start, one per
-            # round per budget). Written once the restarts had a moment to settle, it
-            # usually says how they went, once. Ready and the rest are that much later.
-            wait = hold - self.monotonic()
+        wait = self._status_held_for(memory.status_hold, status) if outcome == "ok" else None
+        if wait is not None:
+            # Deployments were just restarted. Each answer of the Deployment controller
+            # changes the status (observed, updated, available, complete): written every
+            # time, a change cost 2-4 status writes, and a cold start of 1,000 budgets two
+            # each, the controller taking 10 s to get through 5,000 rollouts. Held until
+            # the rollouts are done (or STATUS_HOLD_MAX_SECONDS), the status is written once
+            # and says how they went. Meanwhile the Events tell what was done, at once.
             next_check = wait if next_check is None else min(next_check, wait)
             return Outcome(next_check_seconds=next_check, status=status, status_written=False)
-        memory.status_hold_until = None
+        memory.status_hold = None
         on_server = memory.written_status if memory.written_status is not None else budget.status
         changed = status_changes(on_server, status)
         if changed:
@@ -934,6 +954,22 @@ class Reconciler:
                 ", ".join(changed),
             )
         return Outcome(next_check_seconds=next_check, status=status, status_written=written)
+
+    def _status_held_for(self, hold: StatusHold | None, status: Mapping[str, Any]) -> float | None:
+        """Seconds the status write is still held (None: write now): until the hold has
+        settled, then while a target is rolling out or waiting its turn, until it gives up."""
+        if hold is None:
+            return None
+        moment = self.monotonic()
+        if moment < hold.settled:
+            return hold.settled - moment
+        rolling = any(
+            entry.get("state") in (TargetPhase.ROLLING.value, TargetPhase.PENDING.value)
+            for entry in status.get("allocations") or []
+        )
+        if rolling and moment < hold.give_up:
+            return hold.give_up - moment
+        return None
 
     async def _post_events(self, events: EventNotes, *, best_effort: bool = False) -> None:
         for event in aggregate(events.take()):

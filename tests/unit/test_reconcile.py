@@ -20,6 +20,7 @@ from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.facts import DatabaseFacts
 from poolbudget.domain.observe import DeploymentState
 from poolbudget.reconcile import (
+    STATUS_HOLD_MAX_SECONDS,
     STATUS_SETTLE_SECONDS,
     BudgetMemory,
     BudgetObject,
@@ -724,3 +725,26 @@ async def test_after_a_restart_the_status_is_written_once_the_rollout_had_a_mome
     world.time += 5
     await world.reconcile()
     assert [kind for kind, _ in world.kube.writes if kind == "status"] == ["status"]
+
+
+async def test_a_slow_rollout_holds_the_status_until_done_or_the_cap() -> None:
+    """Past the settle time the status stays held while the restarted Deployment is still
+    rolling out (the controller was slow: 10 s for a cold start's 5,000 rollouts), and is
+    written at the cap if the rollout is still going then, so it never goes stale for
+    long; the rollout's end is written as usual."""
+    world = World()
+    await world.reconcile()  # ConfigMap + restart at t=1000
+    api = ("shop", "api")
+    world.deployments[api] = world.deployments[api].model_copy(update={"rolling": True})
+    world.time += STATUS_SETTLE_SECONDS + 2  # settled, but api is still rolling out
+    await world.reconcile()
+    assert [kind for kind, _ in world.kube.writes if kind == "status"] == []
+    world.time = 1000.0 + STATUS_HOLD_MAX_SECONDS  # the cap: written, rolling as it is
+    await world.reconcile()
+    assert [kind for kind, _ in world.kube.writes if kind == "status"] == ["status"]
+    assert world.status["allocations"][0]["state"] == "Rolling"
+    world.deployments[api] = world.deployments[api].model_copy(update={"rolling": False})
+    world.time += 1
+    await world.reconcile()  # done: written at once, no hold left
+    assert [kind for kind, _ in world.kube.writes if kind == "status"] == ["status", "status"]
+    assert world.status["allocations"][0]["state"] != "Rolling"
