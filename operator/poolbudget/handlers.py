@@ -28,7 +28,7 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ import kopf
 from kubernetes.aio.client import Configuration
 
 from poolbudget import metrics
-from poolbudget.adapters import credentials
+from poolbudget.adapters import credentials, heap
 from poolbudget.adapters.apiclient import close_client
 from poolbudget.adapters.health import HealthServer, ProbeResult
 from poolbudget.adapters.informer import (
@@ -309,6 +309,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     namespaces = memo.get("namespaces")
     runtime.start_informers(list(namespaces) if isinstance(namespaces, list) else [])
     memo["runtime"] = runtime
+    memo["heap_task"] = asyncio.create_task(release_memory(runtime), name="heap trim")
     secret_check = float(memo.get("secret_check_seconds", 10.0))
     if secret_check > 0:
         memo["secret_task"] = asyncio.create_task(
@@ -326,9 +327,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("secret_task")
-    if isinstance(task, asyncio.Task):
-        task.cancel()
+    for name in ("secret_task", "heap_task"):
+        task = memo.get(name)
+        if isinstance(task, asyncio.Task):
+            task.cancel()
     server = memo.get("health_server")
     if isinstance(server, HealthServer):
         await server.stop()
@@ -386,6 +388,22 @@ def readiness(runtime: Runtime) -> ProbeResult:
     return ProbeResult(ok=all(isinstance(n, int) for n in states.values()), report=report)
 
 
+KEPT_METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp")
+
+
+def kept_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What a budget's loop reads of its PoolBudget, copied: the spec, the status and five
+    metadata fields. Not managedFields, annotations or labels: with the status the
+    operator writes, managedFields alone is about as large as the status again, and a
+    copy per budget is kept for as long as the budget exists."""
+    metadata = body.get("metadata") or {}
+    return {
+        "metadata": {k: metadata[k] for k in KEPT_METADATA if k in metadata},
+        "spec": copy.deepcopy(dict(body.get("spec") or {})),
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def budget_changed(
     type: str,
@@ -408,7 +426,7 @@ async def budget_changed(
         runtime.last_generations.pop(key, None)  # budgets come and go; forget them
         runtime.stop_loop(key)
         return
-    runtime.bodies[key] = copy.deepcopy(dict(body))
+    runtime.bodies[key] = kept_body(body)
     runtime.ensure_loop(key)
     generation = int(meta.get("generation") or 0)
     if runtime.last_generations.get(key) == generation:
@@ -443,6 +461,18 @@ async def watch_secrets(runtime: Runtime, interval: float) -> None:
                 logger.info("Secret %s/%s changed: reconciling %d budget(s)", *secret, len(budgets))
                 runtime.wake(budgets)
             seen[secret] = version
+
+
+HEAP_TRIM_SECONDS = 30.0
+
+
+async def release_memory(runtime: Runtime) -> None:
+    """Give the heap the start-up no longer uses back to the OS (adapters/heap.py): once
+    every informer has listed, then every HEAP_TRIM_SECONDS (after relists, storms)."""
+    await runtime.synced()
+    while True:
+        await asyncio.sleep(HEAP_TRIM_SECONDS)
+        heap.release_free_memory()
 
 
 async def budget_loop(runtime: Runtime, key: Key, loop: BudgetLoop) -> None:
