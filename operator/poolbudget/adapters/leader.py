@@ -75,6 +75,7 @@ from prometheus_client import Counter
 
 from poolbudget import metrics
 from poolbudget.adapters import credentials
+from poolbudget.adapters.apiclient import close_client
 from poolbudget.domain.leadership import Fence, LeaderTimings
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ async def run_elected(
         await lock.release()
     elif stop_standby is not None:
         stop_standby()
-    await api.close()  # type: ignore[no-untyped-call]
+    await close_client(api)
     return 1 if reason == "failed" else 0
 
 
