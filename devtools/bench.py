@@ -442,6 +442,9 @@ def measure_noop(
     return result
 
 
+STEADY_SECONDS = 15.0
+
+
 def process_figures(pid: int) -> tuple[float, float, float]:
     """(peak RSS MiB, RSS now MiB, CPU seconds) of a live process, from /proc."""
     status = dict(
@@ -519,8 +522,11 @@ def measure_scale(
             if now != last:
                 last, quiet_since = now, time.monotonic()
         settled = time.monotonic() - begun - 5
-        # Read once the writes have settled: the peak so far, what the process holds now.
-        peak, steady, cpu = process_figures(operator.pid)
+        # The peak so far and the CPU spent, once the writes have settled; what the process
+        # holds STEADY_SECONDS later (the operator hands freed heap back every 10 s).
+        peak, _, cpu = process_figures(operator.pid)
+        time.sleep(STEADY_SECONDS)
+        _, steady, _ = process_figures(operator.pid)
         return {"every_budget_reconciled_s": round(first_pass, 1), "every_budget_ready_s": round(ready_s, 1),
                 "writes_settled_s": round(settled, 1), "peak_rss_mib": round(peak, 1),
                 "steady_rss_mib": round(steady, 1), "cpu_s": round(cpu, 1),
