@@ -182,8 +182,9 @@ def test_namespaced_install_cannot_touch_other_namespaces(
 def test_namespaced_install_over_many_namespaces_still_reconciles(
     helm: Helm, local_cluster: LocalCluster, kube_namespace: str, app_namespace: str, tmp_path: Path
 ) -> None:
-    """40 watched namespaces mean 120 watches held open for good: more than one HTTP
-    connection pool (100) holds, which must not starve the operator's writes."""
+    """40 watched namespaces mean 160 watches held open for good (Deployments, HPAs,
+    PoolBudgets, managed ConfigMaps): more than one HTTP connection pool (100) holds, which
+    must not starve the operator's writes."""
     release = f"pbm{os.getpid() % 10000}"
     others = [f"{app_namespace}-w{i}" for i in range(39)]
     for name in others:
@@ -208,7 +209,7 @@ def test_namespaced_install_over_many_namespaces_still_reconciles(
                     timeout=30,
                     what="/healthz to list the informers",
                 )
-                assert len(informers) == 3 * len(watched)
+                assert len(informers) == 4 * len(watched)
             finally:
                 operator.stop()
         assert rbac_denials(operator.log()) == [], operator.log()
