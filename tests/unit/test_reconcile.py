@@ -136,6 +136,8 @@ class World:
     time: float = 1000.0
     status: dict[str, Any] = field(default_factory=dict)
     server_status: dict[str, Any] = field(default_factory=dict)  # as the API server has it
+    # False: no status hold after restarts (every round's status is written at once).
+    status_hold: bool = True
     memory: BudgetMemory = field(default_factory=BudgetMemory)
     spec: dict[str, Any] = field(default_factory=lambda: {
         "database": {"connectionSecretRef": {"name": "shop-db", "key": "dsn"}, "refreshSeconds": 60},
@@ -162,6 +164,8 @@ class World:
             prober_factory=self.prober,
             clock=lambda: NOW,
             monotonic=lambda: self.time,
+            status_settle_seconds=STATUS_SETTLE_SECONDS if self.status_hold else 0.0,
+            status_hold_max_seconds=STATUS_HOLD_MAX_SECONDS if self.status_hold else 0.0,
         )
         budget = BudgetObject(namespace="shop", name="shop", uid="u1", generation=1, created="2026-01-01T00:00:00Z",
                               spec=self.spec, status=self.server_status)  # fmt: skip
