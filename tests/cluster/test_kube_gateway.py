@@ -5,14 +5,12 @@ into: a refused write is never sent, and is counted."""
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from devtools.localcluster import LocalCluster
-from poolbudget import metrics
 from poolbudget.adapters.credentials import load_configuration
 from poolbudget.adapters.kube import (
     BudgetRef,
@@ -21,7 +19,7 @@ from poolbudget.adapters.kube import (
     NotLeaderError,
     SecretKeyMissingError,
 )
-from tests.e2e.support import budget, deployment
+from tests.e2e.support import Cluster, budget, deployment
 
 pytestmark = pytest.mark.cluster
 
@@ -49,30 +47,19 @@ async def kube(crd_installed: LocalCluster, gate: Gate) -> AsyncIterator[KubeGat
     await gateway.close()
 
 
-def _get(cluster: LocalCluster, *args: str) -> Any:
-    """`kubectl get -o json`, decoded (the test indexes it as it expects it to be)."""
-    return json.loads(cluster.kubectl("get", *args, "--output=json").stdout)
-
-
 async def test_reads_and_writes_on_the_real_api_server(
     crd_installed: LocalCluster, kube_namespace: str, kube: KubeGateway
 ) -> None:
-    cluster, ns = crd_installed, kube_namespace
+    ns = kube_namespace
+    cluster = Cluster(crd_installed, ns)
     value = base64.b64encode(b"postgresql://u:p@db/x").decode()
-    cluster.kubectl(
-        "apply",
-        "--namespace",
-        ns,
-        "-f",
-        "-",
-        input=json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": "dsn"},
-                "data": {"dsn": value, "bad": base64.b64encode(b"\xff\xfe").decode()},
-            }
-        ),
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "dsn"},
+            "data": {"dsn": value, "bad": base64.b64encode(b"\xff\xfe").decode()},
+        }
     )
     assert await kube.read_secret_value(ns, "dsn", "dsn") == "postgresql://u:p@db/x"
     with pytest.raises(SecretKeyMissingError, match="no key 'other'"):
@@ -93,33 +80,26 @@ async def test_reads_and_writes_on_the_real_api_server(
         {"a": "1"},
         {"b": "2"},
     )
-    managed = _get(cluster, "configmap", "api-db-pool", "--namespace", ns, "--show-managed-fields")
+    managed = cluster.get("configmap", "api-db-pool", "--show-managed-fields")
     managers = [m["manager"] for m in managed["metadata"]["managedFields"]]
     assert managers == ["poolbudget-operator"]
 
-    cluster.kubectl("apply", "--namespace", ns, "-f", "-", input=deployment("api", 1))
+    cluster.apply(deployment("api", 1))
     await kube.annotate_pod_template(ns, "api", {"poolbudget.dev/config-hash": "abc"})
-    applied = _get(cluster, "deployment", "api", "--namespace", ns)
+    applied = cluster.get("deployment", "api")
     annotations = applied["spec"]["template"]["metadata"]["annotations"]
     assert annotations["poolbudget.dev/config-hash"] == "abc"
 
     assert not await kube.budget_exists(ns, "shop")
-    cluster.kubectl(
-        "apply",
-        "--namespace",
-        ns,
-        "-f",
-        "-",
-        input=json.dumps(budget("shop", [{"deploymentName": "api", "processesPerPod": 1}])),
-    )
+    cluster.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 1}]))
     assert await kube.budget_exists(ns, "shop")
     await kube.patch_budget_status(ns, "shop", {"peakConnections": 7, "headroom": 3})
-    status = _get(cluster, "poolbudget", "shop", "--namespace", ns)["status"]
+    status = cluster.get("poolbudget", "shop")["status"]
     assert status["peakConnections"] == 7
-    uid = str(_get(cluster, "poolbudget", "shop", "--namespace", ns)["metadata"]["uid"])
+    uid = str(cluster.get("poolbudget", "shop")["metadata"]["uid"])
 
     await kube.post_event(BudgetRef(ns, "shop", uid), "Warning", "BudgetInfeasible", "too many")
-    events = _get(cluster, "events", "--namespace", ns)["items"]
+    events = cluster.get("events")["items"]
     posted = [e for e in events if e["reason"] == "BudgetInfeasible"]
     assert len(posted) == 1
     assert posted[0]["involvedObject"]["uid"] == uid
@@ -129,21 +109,23 @@ async def test_reads_and_writes_on_the_real_api_server(
 async def test_a_closed_write_gate_sends_nothing_and_counts_the_refusal(
     crd_installed: LocalCluster, kube_namespace: str, kube: KubeGateway, gate: Gate
 ) -> None:
-    cluster, ns = crd_installed, kube_namespace
+    ns = kube_namespace
+    cluster = Cluster(crd_installed, ns)
 
     def refused() -> float:
-        sample = metrics.API_WRITES_REFUSED.labels(kind="configmap", reason="NotLeader")
-        return float(sample._value.get())
+        labels = {"kind": "configmap", "reason": "NotLeader"}
+        return REGISTRY.get_sample_value("poolbudget_api_writes_refused_total", labels) or 0.0
 
     def sent() -> float:
-        return float(metrics.API_WRITES.labels(kind="configmap", namespace=ns)._value.get())
+        labels = {"kind": "configmap", "namespace": ns}
+        return REGISTRY.get_sample_value("poolbudget_api_writes_total", labels) or 0.0
 
     gate.open = False
     before_refused, before_sent = refused(), sent()
     with pytest.raises(NotLeaderError, match="may not write"):
         await kube.apply_configmap(ns, "gated", {"k": "v"}, {}, {})
     assert (refused(), sent()) == (before_refused + 1, before_sent)
-    found = cluster.kubectl("get", "configmap", "gated", "--namespace", ns, check=False)
+    found = cluster.kubectl("get", "configmap", "gated", check=False)
     assert found.returncode != 0
     assert "NotFound" in found.stderr
     # Reads are not gated: a standby may look.
@@ -152,4 +134,4 @@ async def test_a_closed_write_gate_sends_nothing_and_counts_the_refusal(
     gate.open = True
     await kube.apply_configmap(ns, "gated", {"k": "v"}, {}, {})
     assert (refused(), sent()) == (before_refused + 1, before_sent + 1)
-    assert _get(cluster, "configmap", "gated", "--namespace", ns)["data"] == {"k": "v"}
+    assert cluster.configmap("gated") == {"k": "v"}

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 from kubernetes.aio.client import ApiClient, Configuration
@@ -32,6 +32,8 @@ from poolbudget.adapters.apiclient import (
     Resource,
     api_client,
     describe,
+    read_json,
+    request,
     status_error,
 )
 from poolbudget.domain.cluster_view import Key
@@ -167,18 +169,8 @@ class Informer(Generic[View]):
         """GET the collection with `query`, bounded by `seconds` in all (aiohttp's total
         timeout, which for a watch covers the whole stream); the bare response, whatever
         its status."""
-        method, url, headers, _, _ = await self._client.param_serialize(
-            "GET",
-            self._resource.path(self._namespace),
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
-        response = await self._client.call_api(
-            method, url, header_params=headers, _request_timeout=seconds
-        )
-        # RESTResponse is untyped; its `response` is the aiohttp response it wraps.
-        return cast(aiohttp.ClientResponse, response.response)
+        path = self._resource.path(self._namespace)
+        return await request(self._client, "GET", path, timeout=seconds, query=query)
 
     async def _relist(self) -> str:
         """List in chunks (limit/continue: one consistent snapshot); return its version.
@@ -190,12 +182,7 @@ class Informer(Generic[View]):
             query: list[tuple[str, Any]] = [*self._selector, ("limit", LIST_CHUNK)]
             if token:
                 query.append(("continue", token))
-            response = await self._request(query, LIST_TIMEOUT_SECONDS)
-            async with response:
-                body = await response.read()
-                if response.status >= 400:
-                    raise status_error(response.status, response.reason, body)
-            page = json.loads(body)
+            page = await read_json(await self._request(query, LIST_TIMEOUT_SECONDS))
             for item in page.get("items") or ():
                 view = self._view(item)
                 if view is not None:

@@ -152,10 +152,7 @@ class KubeGateway:
 
     async def read_secret_value(self, namespace: str, name: str, key: str) -> str:
         what = f"Secret {namespace}/{name}"
-        secret = await self._get(
-            what,
-            lambda: self._call("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"),
-        )
+        secret = await self._read_secret(namespace, name)
         if secret is None:
             raise NotFoundError(f"{what} not found")
         raw = (secret.get("data") or {}).get(key)
@@ -173,13 +170,16 @@ class KubeGateway:
     async def secret_version(self, namespace: str, name: str) -> str | None:
         """The Secret's resourceVersion (it changes with any write), None if it does not
         exist. Needs only `get` on Secrets; the value is read but never kept."""
-        secret = await self._get(
-            f"Secret {namespace}/{name}",
-            lambda: self._call("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"),
-        )
+        secret = await self._read_secret(namespace, name)
         if secret is None:
             return None
         return str((secret.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def _read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get(
+            f"Secret {namespace}/{name}",
+            lambda: self._call("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"),
+        )
 
     async def _get(self, what: str, call: Call) -> dict[str, Any] | None:
         """One object as raw JSON; None if it does not exist, KubeError on any other
