@@ -344,7 +344,9 @@ def status_schema() -> dict[str, Any]:
             "deploymentName": _string("The target Deployment (spec.targets[].deploymentName)."),
             "podsWorstCase": _integer(
                 "Pods budgeted for: max(replicas, HPA maxReplicas) + maxSurge under "
-                "replicaBasis WorstCase, replicas + maxSurge under Current."
+                "replicaBasis WorstCase, replicas + maxSurge under Current; plus one rollout "
+                "step of terminating pods (maxSurge + maxUnavailable) under terminatingPods "
+                "Counted."
             ),
             "workers": _integer("Processes with their own pool: podsWorstCase x processesPerPod."),
             "poolSize": _integer("pool_size written into the ConfigMap (DB_POOL_SIZE)."),

@@ -68,6 +68,25 @@ class ReplicaBasis(StrEnum):
     CURRENT = "Current"  # replicas + surge
 
 
+class TerminatingPods(StrEnum):
+    """Whether a budget counts pods that are shutting down during a rollout."""
+
+    UNCOUNTED = "Uncounted"  # as the Deployment controller counts: replicas + maxSurge
+    COUNTED = "Counted"  # + one rollout step still terminating (maxSurge + maxUnavailable)
+
+
+TERMINATING_PODS_DESCRIPTION = (
+    "Uncounted (default): budget the pods the Deployment controller counts, replicas + "
+    "maxSurge; a pod that is terminating must have released its pool before its "
+    "replacement connects. Counted: also budget one rollout step of pods still shutting "
+    "down (maxSurge + maxUnavailable of a RollingUpdate Deployment, at most its replicas): "
+    "the controller starts replacements as soon as old pods begin terminating, and those "
+    "hold their connections until their processes exit (in-flight requests, grace period). "
+    "Smaller pools, no refused connection during a rollout. Recreate Deployments have no "
+    "overlap either way."
+)
+
+
 class ShareBy(StrEnum):
     """What a target's weight multiplies when the budget is shared."""
 
@@ -481,6 +500,9 @@ class PoolBudgetSpec(CamelModel):
             "WorstCase: budget for max(replicas, HPA maxReplicas) + maxSurge pods. "
             "Current: replicas + maxSurge (breaks when an HPA scales up)."
         ),
+    )
+    terminating_pods: TerminatingPods = Field(
+        default=TerminatingPods.UNCOUNTED, description=TERMINATING_PODS_DESCRIPTION
     )
     share_by: ShareBy = Field(default=ShareBy.WORKER, description=SHARE_BY_DESCRIPTION)
     defaults: PoolDefaults = Field(

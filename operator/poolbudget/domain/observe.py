@@ -18,6 +18,7 @@ class DeploymentState(Frozen):
     name: str
     replicas: int
     max_surge: int | str | None
+    max_unavailable: int | str | None = None
     recreate: bool
     template_hash: str | None
     rolling: bool  # pods of an older ReplicaSet are still running
@@ -31,6 +32,7 @@ class DeploymentState(Frozen):
             name=self.name,
             replicas=self.replicas,
             max_surge=self.max_surge,
+            max_unavailable=self.max_unavailable,
             recreate=self.recreate,
             hpa_max_replicas=hpa_max_replicas,
         )
@@ -68,6 +70,7 @@ def deployment_state(body: Mapping[str, Any]) -> DeploymentState:
         name=str(metadata.get("name", "")),
         replicas=int(spec.get("replicas", 1)),
         max_surge=rolling_update.get("maxSurge"),
+        max_unavailable=rolling_update.get("maxUnavailable"),
         recreate=strategy.get("type") == "Recreate",
         template_hash=None if raw_hash is None else str(raw_hash),
         rolling=rolling,

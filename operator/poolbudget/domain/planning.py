@@ -30,7 +30,7 @@ def demand_for(spec: PoolBudgetSpec, target: Target, deployment: DeploymentFacts
     )
     return TargetDemand(
         name=target.deployment_name,
-        pods=deployment.pods_worst_case(spec.replica_basis),
+        pods=deployment.pods_worst_case(spec.replica_basis, spec.terminating_pods),
         processes_per_pod=target.processes_per_pod,
         weight=target.weight,
         min_pool_size=target.min_pool_size,
