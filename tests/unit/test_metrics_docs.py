@@ -15,13 +15,15 @@ RECONCILE = (ROOT / "operator" / "poolbudget" / "reconcile.py").read_text()
 
 
 def served_metric_names() -> set[str]:
-    names = set()
-    for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            for family in value.collect():
-                # Counter families are named without the _total their samples carry.
-                names.add(family.name + ("_total" if family.type == "counter" else ""))
-    return names
+    families = [
+        family
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase)
+        for family in value.collect()
+    ]
+    families += metrics.BUDGET_FAMILIES.collect()
+    # Counter families are named without the _total their samples carry.
+    return {f.name + ("_total" if f.type == "counter" else "") for f in families}
 
 
 def test_every_metric_is_documented_and_every_documented_metric_exists() -> None:
