@@ -391,16 +391,19 @@ def readiness(runtime: Runtime) -> ProbeResult:
 KEPT_METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp")
 
 
-def kept_body(body: Mapping[str, Any]) -> dict[str, Any]:
+def kept_body(body: Mapping[str, Any], *, with_status: bool = True) -> dict[str, Any]:
     """What a budget's loop reads of its PoolBudget, copied: the spec, the status and five
     metadata fields. Not managedFields, annotations or labels: with the status the
     operator writes, managedFields alone is about as large as the status again, and a
-    copy per budget is kept for as long as the budget exists."""
+    copy per budget is kept for as long as the budget exists. Not the status either once
+    the loop remembers the one it wrote (`BudgetMemory.knows_status`): about 10 KiB a
+    budget that would never be read."""
     metadata = body.get("metadata") or {}
+    status = copy.deepcopy(dict(body.get("status") or {})) if with_status else {}
     return {
         "metadata": {k: metadata[k] for k in KEPT_METADATA if k in metadata},
         "spec": copy.deepcopy(dict(body.get("spec") or {})),
-        "status": copy.deepcopy(dict(body.get("status") or {})),
+        "status": status,
     }
 
 
@@ -426,7 +429,8 @@ async def budget_changed(
         runtime.last_generations.pop(key, None)  # budgets come and go; forget them
         runtime.stop_loop(key)
         return
-    runtime.bodies[key] = kept_body(body)
+    memory = runtime.memories.get(key)
+    runtime.bodies[key] = kept_body(body, with_status=memory is None or not memory.knows_status)
     runtime.ensure_loop(key)
     generation = int(meta.get("generation") or 0)
     if runtime.last_generations.get(key) == generation:

@@ -188,6 +188,12 @@ class BudgetMemory:
     usage: BudgetUsage | None = None  # the last reading judged, shown until the next one
     usage_time: datetime | None = None
 
+    @property
+    def knows_status(self) -> bool:
+        """Both the status to build on and the one on the server are remembered here: the
+        PoolBudget's own status is no longer read (handlers.kept_body drops it)."""
+        return self.last_status is not None and self.written_status is not None
+
 
 @dataclass(frozen=True)
 class StatusHold:

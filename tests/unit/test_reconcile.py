@@ -19,6 +19,7 @@ from poolbudget.domain.activity import ActivityRow, DatabaseActivity, SessionSta
 from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.facts import DatabaseFacts
 from poolbudget.domain.observe import DeploymentState
+from poolbudget.handlers import kept_body
 from poolbudget.reconcile import (
     STATUS_HOLD_MAX_SECONDS,
     STATUS_SETTLE_SECONDS,
@@ -198,6 +199,27 @@ async def test_first_reconcile_writes_restarts_and_then_nothing() -> None:
     await world.reconcile()
     assert world.kube.writes == []  # a no-op reconcile writes nothing at all
     assert world.condition("Ready")["status"] == "True"
+
+
+async def test_once_it_remembers_its_status_the_budget_copy_needs_none() -> None:
+    # handlers.kept_body drops the PoolBudget's status once the memory knows both the status
+    # to build on and the one on the server: the rounds after that must not need it.
+    world = World(status_hold=False)
+    assert not world.memory.knows_status
+    await world.reconcile()
+    await world.reconcile()
+    assert world.memory.knows_status
+    world.kube.writes.clear()
+    world.server_status = {}  # what the loop now gets from its copy of the PoolBudget
+    await world.reconcile()
+    assert world.kube.writes == []
+    assert world.status == world.memory.written_status
+    kept = kept_body({"metadata": {"name": "shop", "managedFields": [{}]},
+                      "spec": world.spec, "status": world.status}, with_status=False)  # fmt: skip
+    assert kept["status"] == {}
+    assert kept["spec"] == world.spec
+    assert kept["spec"] is not world.spec
+    assert "managedFields" not in kept["metadata"]
 
 
 def three_targets() -> World:
