@@ -688,7 +688,7 @@ def measure_on_cluster(
     state.chmod(0o755)
     with LocalCluster(state / "cluster", binaries=find_binaries(build=True)) as cluster:
         cluster.kubectl("apply", "-f", str(REPO / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/poolbudgets.poolbudget.dev")
+        cluster.wait_established("poolbudgets.poolbudget.dev")
         kube = Kube(str(cluster.kubeconfig))
         if parts & {"latency", "noop"}:
             for i, contender in enumerate(contenders):

@@ -214,7 +214,7 @@ def run(keep: bool, plot_path: Path) -> None:
     )
     try:
         cluster.kubectl("apply", "-f", str(REPO / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/poolbudgets.poolbudget.dev")
+        cluster.wait_established("poolbudgets.poolbudget.dev")
         cluster.kubectl("create", "namespace", NAMESPACE)
         sampler.__enter__()
 

@@ -223,8 +223,7 @@ def run_pod_proof(
         try:
             if own_cluster:
                 cluster.kubectl("apply", "-f", str(REPO / "crds"))
-                cluster.kubectl("wait", "--for=condition=Established",
-                                "crd/poolbudgets.poolbudget.dev")  # fmt: skip
+                cluster.wait_established("poolbudgets.poolbudget.dev")
                 operator = OperatorProcess(
                     kubeconfig=cluster.kubeconfig, log_path=state / "operator.log"
                 )

@@ -598,6 +598,23 @@ class LocalCluster:
             token=token,
         )
 
+    def wait_established(self, *crds: str, timeout: float = 60.0) -> None:
+        """Wait until each named CRD is Established.
+
+        Polled here rather than with `kubectl wait --for=condition=Established`: that fails
+        at once ("status.conditions accessor error") when it reads a CRD the API server has
+        not yet given any condition, which happened on a loaded machine."""
+
+        def established(name: str) -> bool:
+            crd = self.api_get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            status = crd.get("status") if isinstance(crd, dict) else None
+            conditions = (status or {}).get("conditions") or []
+            return any(c.get("type") == "Established" and c.get("status") == "True"
+                       for c in conditions)  # fmt: skip
+
+        for name in crds:
+            wait_for(lambda: established(name), timeout=timeout, what=f"CRD {name} Established")  # noqa: B023 - waited for at once
+
     def api_get(self, path: str) -> object | None:
         """GET `path` from the API server as admin and decode the JSON; None on 404."""
         status, body = self._admin_request(path)

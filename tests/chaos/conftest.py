@@ -38,8 +38,7 @@ def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     needed: the budgets write ConfigMaps only (rollout strategy None)."""
     with LocalCluster(tmp_path / "cluster", binaries=find_binaries(), node=False) as cluster:
         cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/poolbudgets.poolbudget.dev")  # fmt: skip
+        cluster.wait_established("poolbudgets.poolbudget.dev")
         yield cluster
 
 

@@ -36,12 +36,7 @@ def get_sample(cluster: LocalCluster, namespace: str, name: str) -> dict[str, An
 @pytest.fixture(scope="module")
 def sample_crd(local_cluster: LocalCluster) -> str:
     local_cluster.kubectl("apply", "--server-side", "--filename", str(SAMPLE_CRD))
-    local_cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=30s",
-        "customresourcedefinition/samples.harness.poolbudget.dev",
-    )
+    local_cluster.wait_established("samples.harness.poolbudget.dev", timeout=30)
     return "samples.harness.poolbudget.dev"
 
 

