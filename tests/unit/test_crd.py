@@ -12,6 +12,7 @@ field it does not know, or reject the whole status patch).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import inspect
 import re
@@ -594,7 +595,7 @@ async def _missing_secret(world: World) -> None:
 async def _infeasible(world: World) -> None:
     await world.reconcile()
     api = world.deployments[("shop", "api")]
-    world.deployments[("shop", "api")] = api.model_copy(update={"replicas": 100})
+    world.deployments[("shop", "api")] = dataclasses.replace(api, replicas=100)
     await world.reconcile()
 
 

@@ -7,7 +7,7 @@ de-duplication, prober reuse, and that a DSN never leaks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -180,9 +180,7 @@ class World:
             if kind == "restart":
                 state = self.deployments[("shop", name)]
                 entry = next(a for a in self.status["allocations"] if a["deploymentName"] == name)
-                self.deployments[("shop", name)] = state.model_copy(
-                    update={"template_hash": entry["configHash"]}
-                )
+                self.deployments[("shop", name)] = replace(state, template_hash=entry["configHash"])
 
     def condition(self, kind: str) -> dict[str, Any]:
         return next(c for c in self.status["conditions"] if c["type"] == kind)
@@ -341,9 +339,7 @@ async def test_infeasible_budget_writes_only_status_and_one_event() -> None:
     await world.reconcile()
     good = dict(world.kube.configmaps["api-db-pool"].data)
     world.kube.writes.clear()
-    world.deployments[("shop", "api")] = world.deployments[("shop", "api")].model_copy(
-        update={"replicas": 100}
-    )
+    world.deployments[("shop", "api")] = replace(world.deployments[("shop", "api")], replicas=100)
     await world.reconcile()
     await world.reconcile()
     assert world.kube.configmaps["api-db-pool"].data == good
@@ -389,7 +385,7 @@ async def test_a_hash_another_writer_removed_is_restored_with_a_warning_once() -
         await world.reconcile()
     assert not [e for e in world.kube.events if e[1] == "ConfigHashOverwritten"]
     state = world.deployments[("shop", "api")]
-    world.deployments[("shop", "api")] = state.model_copy(update={"template_hash": None})
+    world.deployments[("shop", "api")] = replace(state, template_hash=None)
     world.kube.writes.clear()
     for _ in range(3):
         await world.reconcile()
@@ -399,9 +395,9 @@ async def test_a_hash_another_writer_removed_is_restored_with_a_warning_once() -
     assert warnings[0][0] == "Warning"
     assert "Deployment api: another writer" in warnings[0][2]
 
-    world.deployments[("shop", "api")] = world.deployments[("shop", "api")].model_copy(
-        update={"replicas": 5}  # new settings: an ordinary restart
-    )
+    world.deployments[("shop", "api")] = replace(
+        world.deployments[("shop", "api")], replicas=5
+    )  # new settings: an ordinary restart
     world.kube.writes.clear()
     await world.reconcile()
     assert ("restart", "api") in world.kube.writes
@@ -761,7 +757,7 @@ async def test_a_slow_rollout_holds_the_status_until_done_or_the_cap() -> None:
     world = World()
     await world.reconcile()  # ConfigMap + restart at t=1000
     api = ("shop", "api")
-    world.deployments[api] = world.deployments[api].model_copy(update={"rolling": True})
+    world.deployments[api] = replace(world.deployments[api], rolling=True)
     world.time += STATUS_SETTLE_SECONDS + 2  # settled, but api is still rolling out
     await world.reconcile()
     assert [kind for kind, _ in world.kube.writes if kind == "status"] == []
@@ -769,7 +765,7 @@ async def test_a_slow_rollout_holds_the_status_until_done_or_the_cap() -> None:
     await world.reconcile()
     assert [kind for kind, _ in world.kube.writes if kind == "status"] == ["status"]
     assert world.status["allocations"][0]["state"] == "Rolling"
-    world.deployments[api] = world.deployments[api].model_copy(update={"rolling": False})
+    world.deployments[api] = replace(world.deployments[api], rolling=False)
     world.time += 1
     await world.reconcile()  # done: written at once, no hold left
     assert [kind for kind, _ in world.kube.writes if kind == "status"] == ["status", "status"]

@@ -8,13 +8,18 @@ changed nothing relevant (a status heartbeat, a label) is recognised and ignored
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from poolbudget.domain.facts import DeploymentFacts, Frozen
+from poolbudget.domain.facts import DeploymentFacts
 from poolbudget.domain.rendering import ANNOTATION_CONFIG_HASH
 
 
-class DeploymentState(Frozen):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeploymentState:
+    """A plain slotted dataclass, not a pydantic model: the informer keeps one per watched
+    Deployment (5,000 of them: 4.9 MiB as models, see the bench's steady RSS)."""
+
     name: str
     replicas: int
     max_surge: int | str | None
