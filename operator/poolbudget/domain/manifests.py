@@ -53,7 +53,7 @@ class BudgetManifest:
 
     namespace: str
     budget: PoolBudget
-    origin: Origin
+    origin: Origin = field(compare=False)  # where it was read is no fact about it
 
     @property
     def name(self) -> str:
