@@ -14,6 +14,20 @@ from devtools.images import Image
 from devtools.localcluster import LocalCluster
 
 Helm = Callable[..., subprocess.CompletedProcess[str]]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def built_helm() -> Path:
+    """The helm binary `make binaries` builds (no cluster needed); skips when not built."""
+    where = subprocess.run(
+        ["bash", str(REPO / "hack" / "build-binaries.sh"), "--print-dir"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.split()  # fmt: skip
+    binary = Path(where[-1]) / "helm" if where else Path("/nonexistent")
+    if not binary.exists():
+        pytest.skip(f"helm is not built ({binary}): run `make binaries`")
+    return binary
 
 
 @pytest.fixture

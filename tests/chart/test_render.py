@@ -28,15 +28,9 @@ Render = Callable[..., list[dict[str, Any]]]
 
 
 @pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+def helm(tmp_path_factory: pytest.TempPathFactory, built_helm: Path) -> Helm:
     """helm as `make binaries` builds it, with its cache and config in a temporary directory."""
-    where = subprocess.run(
-        ["bash", str(REPO / "hack" / "build-binaries.sh"), "--print-dir"],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.split()  # fmt: skip
-    binary = Path(where[-1]) / "helm" if where else Path("/nonexistent")
-    if not binary.exists():
-        pytest.skip(f"helm is not built ({binary}): run `make binaries`")
+    binary = built_helm
     home = tmp_path_factory.mktemp("helm")
     env = {
         **os.environ,
