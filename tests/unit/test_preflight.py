@@ -3,6 +3,7 @@ Deployments refused, flags over manifests, and the diff's restart rule."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -245,3 +246,11 @@ def test_previous_configmaps_prefer_a_dump_over_a_plan() -> None:
         "api-db-pool": {"DB_POOL_SIZE": "99"},
         "worker-db-pool": None,
     }
+
+
+def test_config_hash_is_the_serialization_the_readme_documents() -> None:
+    """README: sha256 (hex) of one `key=value` line per key, keys sorted, UTF-8."""
+    data = configmaps_of_outcome(outcome_for(3))["api-db-pool"] | {"é": "ü\nmulti-line"}
+    lines = "".join(f"{key}={data[key]}\n" for key in sorted(data))
+    assert config_hash(data) == hashlib.sha256(lines.encode("utf-8")).hexdigest()
+    assert config_hash(dict(reversed(data.items()))) == config_hash(data)

@@ -90,6 +90,19 @@ def _restarts(outcome: BudgetOutcome, changes: Sequence[TargetChange]) -> list[s
     return [f"{namespace}/{c.deployment_name}" for c in changes if c.change is Change.RESTART]
 
 
+def _infeasible_line(outcome: BudgetOutcome) -> str:
+    """Which budget, how many connections short, and what each target needs: an
+    infeasible plan holds every pool at its minimum with no overflow, so its peaks are
+    the needs."""
+    plan = outcome.plan
+    needs = ", ".join(f"{a.name} needs {a.peak_connections}" for a in plan.allocations)
+    return (
+        f"INFEASIBLE {outcome.manifest.namespace}/{outcome.manifest.name}: short by "
+        f"{plan.shortfall} connection(s): {needs} (minimum pools, no overflow), "
+        f"{plan.usable_connections} usable"
+    )
+
+
 def preflight_text(
     outcomes: Sequence[BudgetOutcome],
     diffs: Sequence[Sequence[TargetChange]] | None,
@@ -116,10 +129,7 @@ def preflight_text(
         blocks.append("\n".join(block))
     infeasible = [o for o in outcomes if not o.plan.feasible]
     if infeasible:
-        verdict = "; ".join(
-            f"INFEASIBLE {o.manifest.namespace}/{o.manifest.name}: {o.plan.reason}"
-            for o in infeasible
-        )
+        verdict = "\n".join(_infeasible_line(o) for o in infeasible)
     else:
         verdict = f"{len(outcomes)} PoolBudget(s) planned: all feasible"
     if diffs is not None:
