@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +251,21 @@ def test_dsn_errors_never_show_the_password(
     assert code == EXIT_USAGE
     assert message in err
     assert "hunter2" not in out + err
+
+
+def test_plan_on_manifests_needs_no_operator_extra(tmp_path: Path) -> None:
+    """The base install (pydantic, pyyaml) is enough for CI: asyncpg and kubernetes are
+    imported only for --dsn and --diff-cluster."""
+    root = chart_dir(tmp_path / "chart")
+    blocked = "; ".join(
+        f"sys.modules[{m!r}] = None" for m in ("asyncpg", "kubernetes", "aiohttp", "kopf")
+    )
+    code = (
+        f"import sys; {blocked}; from poolbudget.cli import main; "
+        f"sys.exit(main(['plan', '-f', {str(root)!r}, '--max-connections', '200']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "all feasible" in result.stdout
