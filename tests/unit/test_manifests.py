@@ -196,3 +196,12 @@ def test_what_is_read_is_what_was_written(documents: list[dict[str, Any]]) -> No
             and d["spec"]["scaleTargetRef"]["name"] == facts.name
         ]
         assert facts.hpa_max_replicas == (max(maxima) if maxima else None)
+
+
+def test_a_budget_file_may_leave_out_its_name() -> None:
+    """As `plan -f budget.yaml` always allowed; a Deployment may not."""
+    nameless = {key: value for key, value in BUDGET.items() if key != "metadata"}
+    (budget,) = parse(nameless).budgets
+    assert budget.key == ("default", "poolbudget")
+    with pytest.raises(ManifestError, match=r"metadata\.name: must be a non-empty string"):
+        parse({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {}})

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from poolbudget.api.v1alpha1 import KIND, PoolBudget, describe_validation_error
+from poolbudget.api.v1alpha1 import KIND, ObjectMeta, PoolBudget, describe_validation_error
 from poolbudget.domain.facts import DeploymentFacts, SurgeError, resolve_max_surge
 
 DEFAULT_NAMESPACE = "default"
@@ -258,7 +258,11 @@ def parse_manifests(
                 continue  # no one's settings: only a named ConfigMap can be a target's
             where = origin.describe(kind, raw_name if isinstance(raw_name, str) else None)
             metadata = _mapping(where, "metadata", metadata)
-            name = _name(where, metadata)
+            if kind == KIND and "name" not in metadata:
+                # A laptop budget file may leave it out, as `plan -f` always allowed.
+                name = ObjectMeta().name
+            else:
+                name = _name(where, metadata)
             namespace = _namespace(where, metadata, default_namespace)
             identity = (kind, namespace, name)
             if identity in seen:
