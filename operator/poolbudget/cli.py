@@ -46,10 +46,19 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit status 2."""
 
 
+# user:password@ in a postgresql:// URI: the password part.
+_DSN_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@")
+
+
+def _without_passwords(text: str) -> str:
+    return _DSN_PASSWORD.sub(r"\1:***@", text)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # One line, no usage dump: scripts and humans both read the first line.
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        # One line, no usage dump: scripts and humans both read the first line. argparse
+        # echoes arguments it cannot place (a mistyped --dsn and its URI): no password.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_without_passwords(message)}\n")
 
 
 def _non_negative(text: str) -> int:

@@ -269,3 +269,12 @@ def test_plan_on_manifests_needs_no_operator_extra(tmp_path: Path) -> None:
     )
     assert result.returncode == EXIT_OK, result.stderr
     assert "all feasible" in result.stdout
+
+
+def test_a_mistyped_dsn_flag_does_not_echo_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run(capsys, "plan", "--dns", "postgresql://monitor:hunter2@db:5432/shop")
+    assert code == EXIT_USAGE
+    assert "unrecognized arguments: --dns postgresql://monitor:***@db:5432/shop" in err
+    assert "hunter2" not in err
