@@ -136,11 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     limits = plan.add_argument_group(
         "database limits", "from flags, or read live (read-only) with --dsn / --dsn-env"
     )
-    limits.add_argument("--max-connections", type=_positive, help="PostgreSQL max_connections")
+    limits.add_argument(
+        "--max-connections", type=_positive, metavar="N", help="PostgreSQL max_connections"
+    )
     limits.add_argument(
         "--superuser-reserved",
         type=_non_negative,
         default=None,
+        metavar="N",
         help="superuser_reserved_connections (default: PostgreSQL's default, 3)",
     )
     limits.add_argument(
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="pg_reserved",
         type=_non_negative,
         default=None,
+        metavar="N",
         help="PostgreSQL's reserved_connections, 16+ (default 0); not the budget's "
         "spec.reservedConnections",
     )
