@@ -55,6 +55,10 @@ def lint(tree: Path) -> subprocess.CompletedProcess[str]:
         ("domain/sizing.py", "import prometheus_client", "The pure domain does no I/O"),
         ("api/v1alpha1.py", "import poolbudget.adapters.kube", "The pure domain does no I/O"),
         ("reconcile.py", "import aiohttp", "The reconciler reaches Kubernetes only"),
+        ("adapters/postgres.py", "import poolbudget.adapters.kube", "Adapters are independent"),
+        ("client.py", "import poolbudget.domain.sizing", "The application-side helpers"),
+        ("pool_monitor.py", "import kopf", "The application-side helpers"),
+        ("domain/sizing.py", "import poolbudget.reconcile", "Layers"),
     ],
 )
 def test_a_planted_import_breaks_its_contract(
