@@ -87,10 +87,19 @@ class Contender:
     prefix: str  # of the namespaces its parts create
     python: str = sys.executable
     python_args: tuple[str, ...] = ()
+    # Its own CRDs, installed before its parts: an operator rejects a spec field it does not
+    # know (the CRD's defaults add new fields to every PoolBudget), so an older commit's
+    # operator under this checkout's CRD would find every budget InvalidSpec.
+    crds: Path = REPO / "crds"
 
     @classmethod
     def of(cls, baseline: Baseline) -> Contender:
-        return cls("baseline", f"before ({baseline.ref})", "bench-base-", baseline.python, ("-I",))
+        return cls("baseline", f"before ({baseline.ref})", "bench-base-", baseline.python, ("-I",),
+                   baseline.root / "src" / "crds")  # fmt: skip
+
+    def install_crds(self, cluster: LocalCluster) -> None:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(self.crds))
+        cluster.wait_established("poolbudgets.poolbudget.dev")
 
     def operator(self, cluster: LocalCluster, state: Path, part: str) -> OperatorProcess:
         suffix = "" if self.key == "head" else f"-{self.key}"
@@ -687,11 +696,11 @@ def measure_on_cluster(
     state = Path(tempfile.mkdtemp(prefix="poolbudget-bench-"))
     state.chmod(0o755)
     with LocalCluster(state / "cluster", binaries=find_binaries(build=True)) as cluster:
-        cluster.kubectl("apply", "-f", str(REPO / "crds"))
-        cluster.wait_established("poolbudgets.poolbudget.dev")
+        HEAD.install_crds(cluster)
         kube = Kube(str(cluster.kubeconfig))
         if parts & {"latency", "noop"}:
             for i, contender in enumerate(contenders):
+                contender.install_crds(cluster)
                 operator = contender.operator(cluster, state, "")
                 operator.start()
                 created = []
@@ -722,6 +731,7 @@ def measure_on_cluster(
             for i, contender in enumerate(contenders):
                 print(f"scale: {args.budgets} budgets over {args.deployments} deployments"
                       f"{tag[contender.key]} ...", flush=True)  # fmt: skip
+                contender.install_crds(cluster)
                 figures = measure_scale(cluster, state, args.budgets, args.deployments, contender)
                 if i < len(contenders) - 1:
                     # Deleting thousands of Deployments (and their ReplicaSets, ConfigMaps,
