@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -57,6 +58,7 @@ from poolbudget.adapters.kube import (
     configmap_view,
 )
 from poolbudget.adapters.postgres import CONNECTION_LIFETIME_SECONDS, DatabaseProbe
+from poolbudget.admission import AdmissionParams
 from poolbudget.api.v1alpha1 import GROUP, PLURAL, VERSION
 from poolbudget.domain.cluster_view import ClusterView, Key, budget_claims, referenced_secrets
 from poolbudget.domain.leadership import Fence, LeaderTimings
@@ -133,6 +135,7 @@ class Runtime:
     last_generations: dict[Key, int] = field(default_factory=dict)
     bodies: dict[Key, dict[str, Any]] = field(default_factory=dict)
     loops: dict[Key, BudgetLoop] = field(default_factory=dict)
+    admission: AdmissionParams | None = None  # the admission guard's parameters, if kept
 
     def wakeup(self, key: Key) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
@@ -305,9 +308,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     def prober(dsn: str) -> DatabaseProbe:
         return DatabaseProbe(dsn, max_lifetime=float(lifetime))
 
+    admission = (
+        AdmissionParams(kube, clock=lambda: datetime.now(UTC))
+        if memo.get("admission_params")
+        else None
+    )
     runtime = Runtime(
         kube=kube,
-        reconciler=Reconciler(kube=kube, prober_factory=prober),
+        reconciler=Reconciler(kube=kube, prober_factory=prober, admission=admission),
+        admission=admission,
         configmaps=configmaps,
         configuration=configuration,
         informer_stall_seconds=float(memo.get("informer_stall_seconds", INFORMER_STALL_SECONDS)),
@@ -434,6 +443,8 @@ async def budget_changed(
     if type == "DELETED" or meta.get("deletionTimestamp"):
         runtime.last_generations.pop(key, None)  # budgets come and go; forget them
         runtime.stop_loop(key)
+        if type == "DELETED" and runtime.admission is not None:
+            await runtime.admission.forget(*key)
         return
     memory = runtime.memories.get(key)
     runtime.bodies[key] = kept_body(body, with_status=memory is None or not memory.knows_status)

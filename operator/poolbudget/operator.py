@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from prometheus_client import start_http_server
 from poolbudget import handlers
 from poolbudget.adapters.health import StandbyHealth
 from poolbudget.adapters.leader import run_elected
+from poolbudget.admission import ENV_ADMISSION_PARAMS, enabled_by
 from poolbudget.domain.leadership import Fence, LeaderTimings
 
 
@@ -30,7 +32,12 @@ def run_operator(
     secret_check_seconds: float = 10.0,
     informer_stall_seconds: float = 600.0,
     leader_timings: LeaderTimings | None = None,
+    admission_params: bool | None = None,
 ) -> int:
+    """`admission_params`: keep the admission guard's parameters (poolbudget/admission.py);
+    None reads POOLBUDGET_ADMISSION_PARAMS (the chart sets it)."""
+    if admission_params is None:
+        admission_params = enabled_by(os.environ.get(ENV_ADMISSION_PARAMS))
     assert handlers.budget_changed is not None  # importing the module registered the handlers
     kopf.configure(verbose=verbose, log_prefix=True)
     # One line per HTTP request and per handled watch event is noise at INFO; our own
@@ -56,6 +63,7 @@ def run_operator(
                 database_connection_lifetime=database_connection_lifetime,
                 secret_check_seconds=secret_check_seconds,
                 informer_stall_seconds=informer_stall_seconds,
+                admission_params=admission_params,
                 **memo,
             ),
         }

@@ -42,6 +42,7 @@ from poolbudget.domain.activity import (
     evaluate_signals,
     target_allocations,
 )
+from poolbudget.domain.admission import AdmissionLimit, admission_limits
 from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.conditions import (
     ConditionType,
@@ -135,6 +136,14 @@ class DatabaseProber(Protocol):
     async def probe(self) -> DatabaseFacts: ...
     async def activity(self, stale_after_seconds: float) -> DatabaseActivity: ...
     async def close(self) -> None: ...
+
+
+class AdmissionPublisher(Protocol):
+    """Keeps the admission guard's parameters (poolbudget/admission.py)."""
+
+    async def publish(
+        self, namespace: str, budget: str, generation: int, limits: Sequence[AdmissionLimit]
+    ) -> None: ...
 
 
 class DatabaseFailure(Exception):
@@ -264,6 +273,8 @@ class Reconciler:
     monotonic: Callable[[], float] = field(default=lambda: asyncio.get_running_loop().time())
     status_settle_seconds: float = STATUS_SETTLE_SECONDS
     status_hold_max_seconds: float = STATUS_HOLD_MAX_SECONDS
+    # The admission guard's parameters, kept only when enabled (POOLBUDGET_ADMISSION_PARAMS).
+    admission: AdmissionPublisher | None = None
 
     async def reconcile(
         self, budget: BudgetObject, observed: Observed, memory: BudgetMemory
@@ -387,6 +398,9 @@ class Reconciler:
         # 3. The plan.
         demands = [demand_for(spec, t, facts[t.deployment_name]) for t in owned]
         plan = plan_budget(limits_for(spec, database), demands)
+        if self.admission is not None:  # feasible or not: the guard checks against these
+            limits = admission_limits(spec, database, budget.name, owned, facts)
+            await self.admission.publish(budget.namespace, budget.name, budget.generation, limits)
         database_observation = self._database_observation(spec, database)
         if not plan.feasible:
             metrics.FEASIBLE.labels(**labels).set(0)
