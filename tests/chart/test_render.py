@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
+from poolbudget.admission import ENV_ADMISSION_PARAMS
 from poolbudget.api.v1alpha1 import PoolBudget
+from poolbudget.domain.admission import PARAMS_CONFIGMAP
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "poolbudget-operator"
@@ -354,3 +356,58 @@ def test_defaults_are_restricted_and_probed(helm: Helm) -> None:
         ) if d and d["kind"] == "Deployment"
     ]  # fmt: skip
     assert leader["spec"]["strategy"] == {"type": "RollingUpdate"}
+
+
+GUARD_POLICIES = ("poolbudget-operator-replicas", "poolbudget-operator-hpa-max-replicas")
+
+
+def operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", "") for e in container.get("env") or []}
+
+
+def test_the_admission_guard_is_off_by_default(render: Render) -> None:
+    docs = render()
+    assert not [d for d in docs if "ValidatingAdmissionPolicy" in d["kind"]]
+    assert ENV_ADMISSION_PARAMS not in operator_env(docs)
+
+
+def test_the_admission_guard_warns_by_default_and_fails_open(render: Render) -> None:
+    docs = render("--set", "admissionGuard.enabled=true")
+    replicas, hpa = (one(docs, "ValidatingAdmissionPolicy", name) for name in GUARD_POLICIES)
+    for policy in (replicas, hpa):
+        assert policy["spec"]["paramKind"] == {"apiVersion": "v1", "kind": "ConfigMap"}
+        assert policy["spec"]["failurePolicy"] == "Ignore"  # an evaluation error allows
+    [deployments] = replicas["spec"]["matchConstraints"]["resourceRules"]
+    assert deployments["resources"] == ["deployments", "deployments/scale"]  # kubectl scale
+    assert deployments["operations"] == ["UPDATE"]
+    [hpas] = hpa["spec"]["matchConstraints"]["resourceRules"]
+    assert (hpas["resources"], hpas["operations"]) == (["horizontalpodautoscalers"],
+                                                       ["CREATE", "UPDATE"])  # fmt: skip
+    for name in GUARD_POLICIES:
+        binding = one(docs, "ValidatingAdmissionPolicyBinding", name)["spec"]
+        assert binding["policyName"] == name
+        assert binding["validationActions"] == ["Warn"]
+        # The object's own namespace's ConfigMap, the one the operator writes; none: allow.
+        assert binding["paramRef"] == {"name": PARAMS_CONFIGMAP, "parameterNotFoundAction": "Allow"}
+        assert "matchResources" not in binding
+    assert operator_env(docs)[ENV_ADMISSION_PARAMS] == "true"
+
+
+def test_the_admission_guard_denies_on_request_and_only_where_the_operator_watches(
+    render: Render,
+) -> None:
+    docs = render("--set", "admissionGuard.enabled=true", "--set", "admissionGuard.action=Deny",
+                  "--set", "watchNamespaces={shop,pay}")  # fmt: skip
+    for name in GUARD_POLICIES:
+        binding = one(docs, "ValidatingAdmissionPolicyBinding", name)["spec"]
+        assert binding["validationActions"] == ["Deny"]
+        assert binding["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["shop", "pay"]}
+        ]
+
+
+def test_the_admission_guard_takes_warn_or_deny_only(helm: Helm) -> None:
+    result = helm("template", "x", str(CHART), "--set", "admissionGuard.action=Audit", check=False)
+    assert result.returncode != 0
+    assert "admissionGuard/action" in result.stderr

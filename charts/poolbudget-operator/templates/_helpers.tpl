@@ -84,3 +84,52 @@ for each line). Shared by the ClusterRole (cluster-wide) and the per-namespace R
   resources: [events]
   verbs: [create]
 {{- end }}
+
+{{/*
+The admission guard's CEL, shared by its two policies (templates/admission-guard.yaml).
+`variables.deployment` names the target; the operator's numbers for it are the keys
+`<deployment>.<field>` of the params ConfigMap (operator/poolbudget/domain/admission.py
+writes them; AdmissionLimit.pods_at is what `pods` mirrors, a cluster test holds them to
+the same numbers). The policy defines `proposed`, `current` and `desired` in between.
+*/}}
+{{- define "poolbudget-operator.admissionParams" -}}
+- name: params
+  expression: "has(params.data) ? params.data : {}"
+- name: prefix
+  expression: "variables.deployment + '.'"
+- name: budgeted
+  expression: "variables.deployment != '' && (variables.prefix + 'maxReplicas') in variables.params"
+- name: maxReplicas
+  expression: "int(variables.params[variables.prefix + 'maxReplicas'])"
+{{- end }}
+
+{{- define "poolbudget-operator.admissionNeed" -}}
+# Pods at `desired` replicas, as the budget counts them: maxSurge rounded up,
+# maxUnavailable down (at least 1 when both are 0), one rollout step of terminating
+# pods when Counted, at least one pod.
+- name: surge
+  expression: "int(variables.params[variables.prefix + 'maxSurge']) + (variables.desired * int(variables.params[variables.prefix + 'maxSurgePercent']) + 99) / 100"
+- name: unavailableAsGiven
+  expression: "int(variables.params[variables.prefix + 'maxUnavailable']) + variables.desired * int(variables.params[variables.prefix + 'maxUnavailablePercent']) / 100"
+- name: unavailable
+  expression: "variables.surge == 0 && variables.unavailableAsGiven == 0 ? 1 : variables.unavailableAsGiven"
+- name: terminating
+  expression: >-
+    variables.params[variables.prefix + 'terminatingPods'] != 'Counted' ? 0
+    : (variables.surge + variables.unavailable < variables.desired ? variables.surge + variables.unavailable : variables.desired)
+- name: podsAsCounted
+  expression: >-
+    variables.params[variables.prefix + 'strategy'] == 'Recreate' ? variables.desired
+    : variables.desired + variables.surge + variables.terminating
+- name: pods
+  expression: "variables.podsAsCounted > 1 ? variables.podsAsCounted : 1"
+- name: need
+  expression: "int(variables.params[variables.prefix + 'othersMinimum']) + int(variables.params[variables.prefix + 'connectionsPerPod']) * variables.pods"
+- name: verdict
+  expression: >-
+    ' needs at least ' + string(variables.need) + ' connections (minimum pools), '
+    + variables.params[variables.prefix + 'usable'] + ' usable; '
+    + (variables.maxReplicas < 0 ? 'not even one pod fits' : 'at most ' + string(variables.maxReplicas) + ' replicas fit')
+    + ' (limits computed ' + variables.params[variables.prefix + 'computedAt']
+    + ' for generation ' + variables.params[variables.prefix + 'generation'] + ')'
+{{- end }}
