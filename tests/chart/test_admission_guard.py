@@ -138,9 +138,12 @@ def guard(
     """Apply the chart's guard (helm template, the real binary) with an action, bound to
     one namespace; removed after the module (it is cluster-scoped).
 
-    Module-scoped on purpose: the tests re-apply (update) the same objects. Deleted and
-    created again under the same names, the API server (1.36.3) did not enforce the new
-    policy within 60 s, and logged no policy refresh for it; an update is enforced at once.
+    Module-scoped on purpose: the tests re-apply (update) the same objects, which the API
+    server enforces within a second. In one run, with the policies deleted after the first
+    test and created again under the same names for the second, the API server (1.36.3)
+    did not enforce them within 60 s and logged no policy refresh after the deletion; an
+    API server alone (no node) doing the same enforced them within 1.1 s, so the cause is
+    not known.
     """
     home = tmp_path_factory.mktemp("helm")
     env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"),
