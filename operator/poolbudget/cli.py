@@ -342,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         "received no watch event, bookmark or stream end for this long; keep it above the "
         "300 s watch re-open period; default: %(default)s",
     )
+    run.add_argument(
+        "--admission-params",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the admission guard's parameters (ConfigMap poolbudget-admission per "
+        "namespace; the chart's admissionGuard.enabled); default: the "
+        "POOLBUDGET_ADMISSION_PARAMS environment variable, else off",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -604,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             database_connection_lifetime=args.database_connection_lifetime,
             secret_check_seconds=args.secret_check_seconds,
             informer_stall_seconds=args.informer_stall_seconds,
+            admission_params=args.admission_params,
             verbose=args.verbose,
             leader_timings=timings,
         )

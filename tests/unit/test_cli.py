@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from poolbudget.cli import EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, main
+from poolbudget.cli import EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, build_parser, main
 
 TESTDATA = Path(__file__).parent / "testdata"
 SHOP = TESTDATA / "shop-budget.yaml"
@@ -200,3 +200,10 @@ def test_run_refuses_what_is_not_a_namespace_name(
     assert status == 2
     assert "is not a namespace name" in err
     assert "Traceback" not in err
+
+
+def test_admission_params_is_on_off_or_left_to_the_environment() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["run"]).admission_params is None  # POOLBUDGET_ADMISSION_PARAMS
+    assert parser.parse_args(["run", "--admission-params"]).admission_params is True
+    assert parser.parse_args(["run", "--no-admission-params"]).admission_params is False
