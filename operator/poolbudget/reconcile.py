@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -175,13 +176,10 @@ class BudgetMemory:
     dsn_fingerprint: str | None = None
     prober: DatabaseProber | None = None
     failures: int = 0
-    # The status this process last wrote, with the generation it was for: the object Kopf
-    # hands us may not show our own patch yet, and fields like restartedTime must not be
-    # lost to that race.
-    last_status: dict[str, Any] | None = None
-    # The status as last written to the API server (last_status may be newer: see
-    # status_hold_until), None until this process writes one.
-    written_status: dict[str, Any] | None = None
+    # `last_status` and `written_status` (properties below) kept as compact JSON: a
+    # status as dicts is about 10 KiB, as JSON about 2.5 (1,000 budgets: 9.4 -> 2.5 MiB).
+    _last_status: bytes | None = field(default=None, repr=False)
+    _written_status: bytes | None = field(default=None, repr=False)
     # After a restart, status writes are held (loop times): see Reconciler._finish.
     status_hold: StatusHold | None = None
     # Per Deployment, the config hash last seen on its pod template while it was the one
@@ -198,10 +196,44 @@ class BudgetMemory:
     usage_time: datetime | None = None
 
     @property
+    def last_status(self) -> dict[str, Any] | None:
+        """The status this process last wrote, with the generation it was for: the object
+        Kopf hands us may not show our own patch yet, and fields like restartedTime must
+        not be lost to that race."""
+        return _decoded(self._last_status)
+
+    @last_status.setter
+    def last_status(self, status: Mapping[str, Any] | None) -> None:
+        self._last_status = _encoded(status)
+
+    @property
+    def written_status(self) -> dict[str, Any] | None:
+        """The status as last written to the API server (last_status may be newer: see
+        Reconciler._status_held_for), None until this process writes one."""
+        return _decoded(self._written_status)
+
+    @written_status.setter
+    def written_status(self, status: Mapping[str, Any] | None) -> None:
+        encoded = _encoded(status)
+        # Usually the status just remembered: keep one copy of it.
+        self._written_status = self._last_status if encoded == self._last_status else encoded
+
+    @property
     def knows_status(self) -> bool:
         """Both the status to build on and the one on the server are remembered here: the
         PoolBudget's own status is no longer read (handlers.kept_body drops it)."""
-        return self.last_status is not None and self.written_status is not None
+        return self._last_status is not None and self._written_status is not None
+
+
+def _encoded(status: Mapping[str, Any] | None) -> bytes | None:
+    return None if status is None else json.dumps(status, separators=(",", ":")).encode()
+
+
+def _decoded(encoded: bytes | None) -> dict[str, Any] | None:
+    if encoded is None:
+        return None
+    status: dict[str, Any] = json.loads(encoded)
+    return status
 
 
 @dataclass(frozen=True)
@@ -300,7 +332,8 @@ class Reconciler:
         and one Warning event when it starts failing. Only the exception's type is shown:
         its text may carry anything (a DSN, say); the operator's log has the traceback."""
         events = EventNotes(BudgetEventRef(budget.namespace, budget.name, budget.uid))
-        previous = dict(memory.last_status if memory.last_status is not None else budget.status)
+        remembered = memory.last_status  # decoded once
+        previous = dict(remembered if remembered is not None else budget.status)
         observation = Observation(
             type=ConditionType.READY,
             status=False,
@@ -317,7 +350,8 @@ class Reconciler:
     ) -> Outcome:
         now = self.clock()
         labels = {"namespace": budget.namespace, "poolbudget": budget.name}
-        previous = dict(memory.last_status if memory.last_status is not None else budget.status)
+        remembered = memory.last_status  # decoded once
+        previous = dict(remembered if remembered is not None else budget.status)
 
         try:
             spec = PoolBudgetSpec.model_validate(budget.spec)
@@ -957,7 +991,8 @@ class Reconciler:
             next_check = wait if next_check is None else min(next_check, wait)
             return Outcome(next_check_seconds=next_check, status=status, status_written=False)
         memory.status_hold = None
-        on_server = memory.written_status if memory.written_status is not None else budget.status
+        recorded = memory.written_status
+        on_server = recorded if recorded is not None else budget.status
         changed = status_changes(on_server, status)
         if changed:
             await self.kube.patch_budget_status(budget.namespace, budget.name, status)
