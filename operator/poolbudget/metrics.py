@@ -9,7 +9,7 @@ dict entry (about 100 bytes) and a deleted budget's series, counters too, go in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -204,6 +204,9 @@ SIGNALS = _budget(
 
 
 WATCH_FAMILIES = (UNBUDGETED, SIGNALS, TARGET_LIVE)
+TARGET_FAMILIES = tuple(
+    family for family in BUDGET_FAMILIES.families if family.extra_labels[:1] == ("deployment",)
+)
 
 
 def forget_budget(namespace: str, name: str) -> None:
@@ -216,3 +219,13 @@ def forget_watch(namespace: str, name: str) -> None:
     """Drop a budget's database-watch series (deleted, or its watch turned off)."""
     for family in WATCH_FAMILIES:
         family.forget((namespace, name))
+
+
+def keep_targets(namespace: str, name: str, deployments: Collection[str]) -> None:
+    """Drop the series of Deployments that are no longer this budget's targets (removed
+    from its spec, or now claimed by another budget), counters included."""
+    for family in TARGET_FAMILIES:
+        series = family.by_budget.get((namespace, name))
+        if series:
+            for rest in [rest for rest in series if rest[0] not in deployments]:
+                del series[rest]

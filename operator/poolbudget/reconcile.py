@@ -1101,6 +1101,9 @@ class Reconciler:
         metrics.USABLE_CONNECTIONS.labels(**labels).set(plan.usable_connections)
         metrics.PEAK_CONNECTIONS.labels(**labels).set(plan.peak_connections)
         metrics.HEADROOM.labels(**labels).set(plan.headroom)
+        metrics.keep_targets(
+            labels["namespace"], labels["poolbudget"], {t.deployment_name for t in owned}
+        )
         for target in owned:
             allocation = plan.allocation(target.deployment_name)
             target_labels = {**labels, "deployment": target.deployment_name}

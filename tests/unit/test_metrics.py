@@ -82,3 +82,22 @@ def test_scrapes_in_another_thread_while_budgets_come_and_go() -> None:
         thread.join()
     assert failures == []
     assert sample("poolbudget_pool_size", namespace="ns-metrics-3", poolbudget="b1", deployment="d299") == 299  # fmt: skip
+
+
+def test_keeping_targets_drops_the_series_of_the_others_counters_included() -> None:
+    budget = {"namespace": "ns-metrics-4", "poolbudget": "shop"}
+    other = {"namespace": "ns-metrics-4", "poolbudget": "other"}
+    for name in ("api", "cron"):
+        metrics.POOL_SIZE.labels(**budget, deployment=name).set(4)
+        metrics.RESTARTS.labels(**budget, deployment=name).inc()
+        metrics.TARGET_LIVE.labels(**budget, deployment=name, state="active").set(2)
+    metrics.POOL_SIZE.labels(**other, deployment="cron").set(9)
+    metrics.FEASIBLE.labels(**budget).set(1)
+    metrics.keep_targets("ns-metrics-4", "shop", {"api"})
+    assert sample("poolbudget_pool_size", **budget, deployment="cron") is None
+    assert sample("poolbudget_restarts_total", **budget, deployment="cron") is None
+    assert sample("poolbudget_target_live_connections", **budget, deployment="cron", state="active") is None  # fmt: skip
+    assert sample("poolbudget_pool_size", **budget, deployment="api") == 4
+    assert sample("poolbudget_restarts_total", **budget, deployment="api") == 1
+    assert sample("poolbudget_pool_size", **other, deployment="cron") == 9  # another budget's
+    assert sample("poolbudget_budget_feasible", **budget) == 1  # per-budget series stay

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from poolbudget.adapters.kube import NotFoundError
 from poolbudget.adapters.postgres import DatabaseAuthError
@@ -231,6 +232,19 @@ def three_targets() -> World:
         for name in ("api", "worker", "cron")
     }  # fmt: skip
     return world
+
+
+async def test_a_target_removed_from_the_spec_loses_its_series() -> None:
+    world = three_targets()
+    await world.reconcile()
+    cron = {"namespace": "shop", "poolbudget": "shop", "deployment": "cron"}
+    assert REGISTRY.get_sample_value("poolbudget_pool_size", cron) is not None
+    world.spec["targets"] = [t for t in world.spec["targets"] if t["deploymentName"] != "cron"]
+    await world.reconcile()
+    assert REGISTRY.get_sample_value("poolbudget_pool_size", cron) is None
+    assert REGISTRY.get_sample_value("poolbudget_restarts_total", cron) is None
+    api = {**cron, "deployment": "api"}
+    assert REGISTRY.get_sample_value("poolbudget_pool_size", api) is not None
 
 
 async def test_one_event_per_reason_names_every_target_and_comes_before_the_status() -> None:
@@ -538,8 +552,6 @@ async def refresh(world: World, reading: DatabaseActivity | Exception) -> None:
 
 
 async def test_the_watch_fills_status_and_metrics_on_each_refresh() -> None:
-    from prometheus_client import REGISTRY
-
     world = watched_world()
     world.probers.append(FakeProber(DSN))
     world.probers[-1].activity_result = activity(
