@@ -215,6 +215,11 @@ def test_no_writes_when_nothing_changed(ns: Cluster, operator_process: OperatorP
     ns.kubectl("label", "poolbudget", "shop", "owner=platform")
     time.sleep(3)  # a quiet period is the thing being measured here, not a wait for a state
     assert operator_process.api_writes(ns.namespace) == before
+    # Positive control: a change the budget depends on is written within the same 3 s, so
+    # the quiet above is the operator's, not a counter or a window that cannot see writes.
+    ns.kubectl("scale", "deployment", "api", "--replicas=5")
+    wait_for(lambda: operator_process.api_writes(ns.namespace) > before, timeout=3,
+             interval=0.1, what="the scale-up's writes")  # fmt: skip
 
 
 def test_a_foreign_key_in_a_managed_configmap_is_left_alone(
