@@ -21,7 +21,6 @@ from poolbudget.domain.admission import (
     NOTHING_FITS,
     PARAMS_CONFIGMAP,
     AdmissionLimit,
-    IntOrPercent,
     admission_limits,
     merge_params,
     params_entries,
@@ -29,7 +28,7 @@ from poolbudget.domain.admission import (
     without_budget,
 )
 from poolbudget.domain.cluster_view import Observed
-from poolbudget.domain.facts import DatabaseFacts, DeploymentFacts
+from poolbudget.domain.facts import DatabaseFacts, DeploymentFacts, IntOrPercent
 from poolbudget.domain.observe import DeploymentState
 from poolbudget.domain.planning import plan_for
 from poolbudget.reconcile import BudgetMemory, BudgetObject, Reconciler

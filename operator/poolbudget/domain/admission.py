@@ -37,7 +37,8 @@ from poolbudget.domain.facts import (
     DatabaseFacts,
     DeploymentFacts,
     Frozen,
-    SurgeError,
+    IntOrPercent,
+    rollout_pods,
 )
 from poolbudget.domain.planning import demand_for, limits_for
 from poolbudget.domain.sizing import TargetDemand
@@ -50,35 +51,6 @@ PARAMS_COMPONENT = "admission-params"
 # No replica count fits: even one pod of this target (at zero desired replicas) with the
 # others as they are needs more than the usable connections.
 NOTHING_FITS = -1
-
-
-class IntOrPercent(Frozen):
-    """A maxSurge / maxUnavailable as two integers, so CEL needs no string parsing: the
-    value for `replicas` is `absolute + percent * replicas / 100`, the percentage rounded
-    up (surge) or down (unavailable) as the Deployment controller does. One is 0."""
-
-    absolute: int = Field(ge=0)
-    percent: int = Field(ge=0)
-
-    @classmethod
-    def parse(cls, value: int | str | None, default: str) -> IntOrPercent:
-        raw: int | str = default if value is None else value
-        if isinstance(raw, bool):
-            raise SurgeError(f"expected an integer or a percentage, got {raw!r}")
-        if isinstance(raw, int):
-            return cls(absolute=raw, percent=0)
-        text = raw.strip()
-        if text.isdigit():
-            return cls(absolute=int(text), percent=0)
-        if text.endswith("%") and text[:-1].isdigit():
-            return cls(absolute=0, percent=int(text[:-1]))
-        raise SurgeError(f"expected an integer or a percentage like '25%', got {raw!r}")
-
-    def round_up(self, replicas: int) -> int:
-        return self.absolute + (replicas * self.percent + 99) // 100
-
-    def round_down(self, replicas: int) -> int:
-        return self.absolute + replicas * self.percent // 100
 
 
 class AdmissionLimit(Frozen):
@@ -105,16 +77,10 @@ class AdmissionLimit(Frozen):
     def pods_at(self, desired: int) -> int:
         """Pods budgeted at `desired` replicas: DeploymentFacts.pods_worst_case over the
         two-integer form (the policy's CEL computes the same)."""
-        if self.recreate:
-            return max(1, desired)
-        surge = self.max_surge.round_up(desired)
-        overlap = 0
-        if self.terminating_counted:
-            unavailable = self.max_unavailable.round_down(desired)
-            if surge == 0 and unavailable == 0:
-                unavailable = 1
-            overlap = min(desired, surge + unavailable)
-        return max(1, desired + surge + overlap)
+        terminating = self.max_unavailable if self.terminating_counted else None
+        return rollout_pods(
+            desired, recreate=self.recreate, surge=self.max_surge, terminating=terminating
+        )
 
     def minimum_connections_at(self, desired: int) -> int:
         """The budget's minimum pools (no overflow) with this target at `desired`."""
@@ -156,8 +122,10 @@ def admission_limits(
             replicas=facts.replicas,
             hpa_max_replicas=hpa or 0,
             recreate=facts.recreate,
-            max_surge=IntOrPercent.parse(facts.max_surge, DEFAULT_MAX_SURGE),
-            max_unavailable=IntOrPercent.parse(facts.max_unavailable, DEFAULT_MAX_UNAVAILABLE),
+            max_surge=IntOrPercent.parse(facts.max_surge, DEFAULT_MAX_SURGE, "maxSurge"),
+            max_unavailable=IntOrPercent.parse(
+                facts.max_unavailable, DEFAULT_MAX_UNAVAILABLE, "maxUnavailable"
+            ),
             terminating_counted=counted,
             connections_per_pod=target.processes_per_pod * target.min_pool_size,
             others_minimum=others,

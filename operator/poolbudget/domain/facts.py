@@ -7,8 +7,8 @@ same facts and compared.
 
 from __future__ import annotations
 
-import math
 import re
+from dataclasses import dataclass
 
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -53,24 +53,51 @@ class SurgeError(ValueError):
     """maxSurge or maxUnavailable is neither a non-negative integer nor a percentage."""
 
 
-def _resolve_int_or_percent(field: str, value: int | str, replicas: int, *, round_up: bool) -> int:
-    """intstr.GetScaledValueFromIntOrPercent: an integer as is, a percentage of replicas."""
+@dataclass(frozen=True, slots=True)
+class IntOrPercent:
+    """A maxSurge / maxUnavailable (IntOrString) as two integers: its value for `replicas`
+    is `absolute + percent * replicas / 100`, the percentage rounded up (surge) or down
+    (unavailable) as the Deployment controller does. One of the two is 0. The admission
+    guard's CEL computes from this same form."""
+
+    absolute: int
+    percent: int
+
+    def __post_init__(self) -> None:
+        if self.absolute < 0 or self.percent < 0:
+            raise SurgeError(f"must be >= 0, got {self.absolute} and {self.percent}%")
+
+    @classmethod
+    def parse(
+        cls, value: int | str | None, default: str, field: str = "IntOrString"
+    ) -> IntOrPercent:
+        """An integer, a digit string or `N%`; None is `default`."""
+        raw: int | str = default if value is None else value
+        if isinstance(raw, bool):
+            raise SurgeError(f"{field} must be an integer or a percentage, got {raw!r}")
+        if isinstance(raw, int):
+            if raw < 0:
+                raise SurgeError(f"{field} must be >= 0, got {raw}")
+            return cls(absolute=raw, percent=0)
+        text = raw.strip()
+        if text.isdigit():
+            return cls(absolute=int(text), percent=0)
+        match = _PERCENT.match(text)
+        if match is None:
+            raise SurgeError(f"{field} must be an integer or a percentage like '25%', got {raw!r}")
+        return cls(absolute=0, percent=int(match.group(1)))
+
+    def round_up(self, replicas: int) -> int:
+        return self.absolute + (replicas * self.percent + 99) // 100
+
+    def round_down(self, replicas: int) -> int:
+        return self.absolute + replicas * self.percent // 100
+
+
+def _checked_replicas(replicas: int) -> int:
     if replicas < 0:
         raise SurgeError(f"replicas must be >= 0, got {replicas}")
-    if isinstance(value, bool):
-        raise SurgeError(f"{field} must be an integer or a percentage, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise SurgeError(f"{field} must be >= 0, got {value}")
-        return value
-    text = value.strip()
-    if text.isdigit():
-        return int(text)
-    match = _PERCENT.match(text)
-    if match is None:
-        raise SurgeError(f"{field} must be an integer or a percentage like '25%', got {value!r}")
-    scaled = int(match.group(1)) * replicas / 100
-    return math.ceil(scaled) if round_up else math.floor(scaled)
+    return replicas
 
 
 def resolve_max_surge(max_surge: int | str | None, replicas: int) -> int:
@@ -80,21 +107,49 @@ def resolve_max_surge(max_surge: int | str | None, replicas: int) -> int:
     *up* (intstr.GetScaledValueFromIntOrPercent with roundUp=true, as the Deployment
     controller does for surge). None means the Kubernetes default, 25%.
     """
-    value: int | str = DEFAULT_MAX_SURGE if max_surge is None else max_surge
-    return _resolve_int_or_percent("maxSurge", value, replicas, round_up=True)
+    surge = IntOrPercent.parse(max_surge, DEFAULT_MAX_SURGE, "maxSurge")
+    return surge.round_up(_checked_replicas(replicas))
+
+
+def resolve_fenceposts(
+    surge: IntOrPercent, unavailable: IntOrPercent, replicas: int
+) -> tuple[int, int]:
+    """(maxSurge, maxUnavailable) at `replicas`, as the Deployment controller's
+    ResolveFenceposts: surge rounds up, unavailable down, and when both are 0 unavailable
+    is 1 (a rollout must be able to move)."""
+    surged, unavailable_now = surge.round_up(replicas), unavailable.round_down(replicas)
+    return surged, 1 if surged == 0 and unavailable_now == 0 else unavailable_now
 
 
 def resolve_max_unavailable(
     max_unavailable: int | str | None, max_surge: int | str | None, replicas: int
 ) -> int:
     """Resolve maxUnavailable as the Deployment controller's ResolveFenceposts does: a
-    percentage rounds *down*, None is 25%, and when both resolve to 0 it is 1 (a rollout
-    must be able to move)."""
-    value: int | str = DEFAULT_MAX_UNAVAILABLE if max_unavailable is None else max_unavailable
-    unavailable = _resolve_int_or_percent("maxUnavailable", value, replicas, round_up=False)
-    if unavailable == 0 and resolve_max_surge(max_surge, replicas) == 0:
-        return 1
-    return unavailable
+    percentage rounds *down*, None is 25%, and when both resolve to 0 it is 1."""
+    unavailable = IntOrPercent.parse(max_unavailable, DEFAULT_MAX_UNAVAILABLE, "maxUnavailable")
+    surge = IntOrPercent.parse(max_surge, DEFAULT_MAX_SURGE, "maxSurge")
+    return resolve_fenceposts(surge, unavailable, _checked_replicas(replicas))[1]
+
+
+def rollout_pods(
+    desired: int, *, recreate: bool, surge: IntOrPercent, terminating: IntOrPercent | None
+) -> int:
+    """Most pods of a Deployment at `desired` replicas that can run at once, never less
+    than one: at least one pod is budgeted even at zero replicas, as scaling up from zero
+    must not overrun the database before the operator has reacted.
+
+    `terminating` is maxUnavailable when terminating pods are counted (else None): a
+    RollingUpdate Deployment then also gets the pods of one rollout step that are still
+    shutting down. The controller scales the old ReplicaSet down by at most maxSurge +
+    maxUnavailable pods per step and starts their replacements at once, because it does
+    not count terminating pods, while those still hold their pools. A Recreate Deployment
+    never runs old and new pods side by side."""
+    if recreate:
+        return max(1, desired)
+    if terminating is None:
+        return max(1, desired + surge.round_up(desired))
+    surged, unavailable = resolve_fenceposts(surge, terminating, desired)
+    return max(1, desired + surged + min(desired, surged + unavailable))
 
 
 class DeploymentFacts(Frozen):
@@ -113,23 +168,16 @@ class DeploymentFacts(Frozen):
     def pods_worst_case(
         self, basis: ReplicaBasis, terminating: TerminatingPods = TerminatingPods.UNCOUNTED
     ) -> int:
-        """Most pods that can run at once under the given basis, never less than one.
-
-        At least one pod is budgeted even at zero replicas: scaling up from zero must not
-        overrun the database before the operator has reacted. With terminating pods
-        counted, a RollingUpdate Deployment also gets the pods of one rollout step that
-        are still shutting down: the controller scales the old ReplicaSet down by at most
-        maxSurge + maxUnavailable pods per step and starts their replacements at once,
-        because it does not count terminating pods, while those still hold their pools.
-        """
+        """Most pods that can run at once under the given basis (rollout_pods)."""
         desired = self.replicas
         if basis is ReplicaBasis.WORST_CASE and self.hpa_max_replicas is not None:
             desired = max(desired, self.hpa_max_replicas)
         if self.recreate:
             return max(1, desired)
-        surge = resolve_max_surge(self.max_surge, desired)
-        overlap = 0
+        surge = IntOrPercent.parse(self.max_surge, DEFAULT_MAX_SURGE, "maxSurge")
+        unavailable = None
         if terminating is TerminatingPods.COUNTED:
-            unavailable = resolve_max_unavailable(self.max_unavailable, self.max_surge, desired)
-            overlap = min(desired, surge + unavailable)
-        return max(1, desired + surge + overlap)
+            unavailable = IntOrPercent.parse(
+                self.max_unavailable, DEFAULT_MAX_UNAVAILABLE, "maxUnavailable"
+            )
+        return rollout_pods(desired, recreate=False, surge=surge, terminating=unavailable)
