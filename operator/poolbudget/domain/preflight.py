@@ -173,30 +173,20 @@ def diff_budget(
         now = current.get(name)
         old_pool = _int_key(now, "DB_POOL_SIZE")
         old_overflow = _int_key(now, "DB_MAX_OVERFLOW")
-        if not plan.feasible:
-            changes.append(
-                TargetChange(
-                    deployment_name=target.deployment_name,
-                    config_map_name=name,
-                    change=Change.KEPT,
-                    old_pool_size=old_pool,
-                    old_max_overflow=old_overflow,
-                    pool_size=old_pool,
-                    max_overflow=old_overflow,
-                    old_hash=None if now is None else config_hash(now),
-                    new_hash=None if now is None else config_hash(now),
-                )
-            )
-            continue
-        allocation = plan.allocation(target.deployment_name)
-        rendered = render_configmap_data(spec, target, allocation)
-        new_hash = config_hash(rendered)
-        # Keys another writer added are not ours to compare (the operator ignores them).
-        old_hash = None if now is None else owned_hash(now, rendered)
-        if old_hash == new_hash:
-            change = Change.UNCHANGED
+        if not plan.feasible:  # the operator keeps the ConfigMaps it has
+            change, pool, overflow = Change.KEPT, old_pool, old_overflow
+            old_hash = new_hash = None if now is None else config_hash(now)
         else:
-            change = Change.RESTART if restarts else Change.CONFIGMAP_ONLY
+            allocation = plan.allocation(target.deployment_name)
+            pool, overflow = allocation.pool_size, allocation.max_overflow
+            rendered = render_configmap_data(spec, target, allocation)
+            new_hash = config_hash(rendered)
+            # Keys another writer added are not ours to compare (the operator ignores them).
+            old_hash = None if now is None else owned_hash(now, rendered)
+            if old_hash == new_hash:
+                change = Change.UNCHANGED
+            else:
+                change = Change.RESTART if restarts else Change.CONFIGMAP_ONLY
         changes.append(
             TargetChange(
                 deployment_name=target.deployment_name,
@@ -204,8 +194,8 @@ def diff_budget(
                 change=change,
                 old_pool_size=old_pool,
                 old_max_overflow=old_overflow,
-                pool_size=allocation.pool_size,
-                max_overflow=allocation.max_overflow,
+                pool_size=pool,
+                max_overflow=overflow,
                 old_hash=old_hash,
                 new_hash=new_hash,
             )
