@@ -42,9 +42,6 @@ class BudgetFamily:
     def forget(self, budget: BudgetKey) -> None:
         self.by_budget.pop(budget, None)
 
-    def value(self, budget: BudgetKey, *rest: str) -> float | None:
-        return self.by_budget.get(budget, {}).get(rest)
-
     def family(self) -> Metric:
         labels = [*BUDGET, *self.extra_labels]
         metric: Metric
