@@ -5,6 +5,7 @@ live connections stay within the budget all the while (old and new pods side by 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 
@@ -145,6 +146,7 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
 
         # An administrator holds back 12 more connections: every pool shrinks and the pods
         # restart with it, one surge pod at a time, old and new side by side.
+        timeline.mark("reserved connections raised")
         ns.kubectl("patch", "poolbudget", "shop", "--type=merge",
                    "-p", f'{{"spec": {{"reservedConnections": {RESERVED + 12}}}}}')  # fmt: skip
         wait_for(
@@ -155,6 +157,7 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
         assert after is not None
         wait_for(lambda: ns.settled("shop"), timeout=180, what="PoolBudget shop Ready again")
         wait_for(lambda: rolled_out(ns, "api", 2), timeout=240, what="api rolled out again")
+        timeline.mark("rolled out again")
         new_pools = apps.pools_of(local_cluster.kubectl, ns.namespace, "api", count=2)
         assert set(new_pools).isdisjoint(ips), "every pod was replaced"
         for pool in new_pools.values():
@@ -169,8 +172,14 @@ def test_pods_run_with_the_configmap_settings_and_stay_in_budget_through_a_rollo
                 f"{connections_by_client(database, 'api')}\npods: {pods_alive(ns, 'api')}"
             )
 
-    # The sampler ran through it all (a failed sample is kept, with psql's error).
-    assert len(timeline.samples) > 20, sampler.errors
+    # The sampler ran through it all (a failed sample is kept, with psql's error): samples
+    # before the change and after the rollout, never 2 s apart (every 0.25 s asked). (A sample count was the
+    # proxy here; a rollout over in 5 s gave exactly 20 samples and failed it.)
+    times = [t for t, _ in timeline.samples]
+    (changed, _), (done, _) = timeline.marks
+    assert times[0] < changed, (times[:3], sampler.errors)
+    assert times[-1] > done, (times[-3:], sampler.errors)
+    assert max(b - a for a, b in itertools.pairwise(times)) < 2.0, sampler.errors
     if sampler.errors:
         print(f"\n{len(sampler.errors)} samples failed: {sampler.errors[:3]}")
     assert timeline.peak_total() > 4 * new_capacity
