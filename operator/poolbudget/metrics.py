@@ -138,8 +138,12 @@ RESTARTS = _budget_counter(
 )
 RESTARTS_SKIPPED = _budget_counter(
     "poolbudget_restarts_skipped",
-    "Reconciles of a target whose settings hash was unchanged (no restart needed).",
+    "Reconciles that did not restart a target, by reason: Unchanged (its pods run these "
+    "settings), Disabled (rollout.strategy None), Cooldown (minIntervalSeconds), "
+    "MaxConcurrent, Rolling (its own rollout is not finished), WaitingForShrink (its pool "
+    "grows: others shrink first).",
     "deployment",
+    "reason",
 )
 DATABASE_PROBES = _budget_counter(
     "poolbudget_database_probes", "Reads of the database's limits, by result.", "result"

@@ -13,12 +13,12 @@ from prometheus_client import REGISTRY
 from devtools.localcluster import LocalCluster
 from poolbudget.adapters.credentials import load_configuration
 from poolbudget.adapters.kube import (
-    BudgetRef,
     KubeGateway,
     NotFoundError,
     NotLeaderError,
     SecretKeyMissingError,
 )
+from poolbudget.domain.decide import BudgetRef
 from tests.e2e.support import Cluster, budget, deployment
 
 pytestmark = pytest.mark.cluster

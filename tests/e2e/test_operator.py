@@ -379,3 +379,45 @@ def test_health_reports_what_each_informer_holds(
     # Only the managed ConfigMaps are kept: every namespace also has kube-root-ca.crt.
     everywhere = kubectl_json(ns.cluster.kubectl, "get", "configmaps", "-A")["items"]
     assert informers["ConfigMap (all namespaces)"] < len(everywhere)
+
+
+def test_a_write_the_api_server_refuses_is_reported_on_the_budget(
+    ns: Cluster, operator_process: OperatorProcess
+) -> None:
+    """A ResourceQuota that allows no ConfigMap: the create is refused (403 exceeded
+    quota). The budget says so (Ready=False WriteRefused with the API server's words, one
+    Warning Event), the Deployment is not restarted onto a ConfigMap that is not there,
+    the log has no traceback loop; lifting the quota lets the next round write it."""
+    ns.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "no-configmaps"},
+            "spec": {"hard": {"count/configmaps": "0"}},
+        }
+    )
+    ns.apply(deployment("api", 1))
+    wait_for(lambda: ns.rolled_out("api"), timeout=60, what="api rolled out")
+    generation = ns.get("deployment", "api")["metadata"]["generation"]
+    log_before = len(operator_process.log())
+    ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 2}]))
+    wait_for(
+        lambda: (ns.condition("shop", "Ready") or {}).get("reason") == "WriteRefused",
+        timeout=60, what="Ready=False WriteRefused",
+    )  # fmt: skip
+    ready = ns.condition("shop", "Ready")
+    assert ready is not None
+    assert ready["status"] == "False"
+    assert "exceeded quota" in ready["message"], ready["message"]
+    allocation = ns.allocation("shop", "api") or {}
+    assert allocation.get("state") == "Pending"
+    assert "refused" in allocation.get("message", "")
+    time.sleep(3)  # a few more rounds (it looks again every second after a write)
+    assert len(ns.events("WriteRefused")) == 1
+    assert ns.configmap("api-db-pool") is None
+    assert ns.get("deployment", "api")["metadata"]["generation"] == generation
+    assert "Traceback" not in operator_process.log()[log_before:]
+
+    ns.kubectl("delete", "resourcequota", "no-configmaps")
+    wait_for(lambda: ns.settled("shop"), timeout=60, what="shop settled once the quota is gone")
+    assert ns.configmap("api-db-pool") is not None

@@ -614,9 +614,9 @@ async def _configmap_owned_by_someone_else(world: World) -> None:
 SCENARIOS = {
     "feasible": (_feasible_and_rolled_out, "BudgetApplied", ["Applied"]),
     "watch-signals": (_watch_signals_raised, "BudgetApplied", ["Applied"]),
-    "database-auth-failure": (_database_auth_failure, "AuthenticationFailed", []),
-    "missing-secret": (_missing_secret, "SecretNotFound", []),
-    "infeasible": (_infeasible, "BudgetInfeasible", ["Rolling"]),
+    "database-auth-failure": (_database_auth_failure, "AuthenticationFailed", ["Pending"]),
+    "missing-secret": (_missing_secret, "SecretNotFound", ["Pending"]),
+    "infeasible": (_infeasible, "BudgetInfeasible", ["Applied"]),
     "overflow-reduced": (
         _overflow_reduced_and_missing_deployment,
         "RolloutInProgress",

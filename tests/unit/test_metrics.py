@@ -34,16 +34,22 @@ def test_forgetting_a_budget_drops_every_series_of_it_and_no_other() -> None:
     kept = {"namespace": "ns-metrics-2", "poolbudget": "kept"}
     for budget in (gone, kept):
         metrics.FEASIBLE.labels(**budget).set(1)
-        metrics.RESTARTS_SKIPPED.labels(**budget, deployment="api").inc()
+        metrics.RESTARTS_SKIPPED.labels(**budget, deployment="api", reason="Unchanged").inc()
         metrics.ERRORS.labels(**budget, reason="DatabaseUnreachable").inc()
         metrics.TARGET_LIVE.labels(**budget, deployment="api", state="idle").set(3)
     metrics.forget_budget(gone["namespace"], gone["poolbudget"])
     assert sample("poolbudget_budget_feasible", **gone) is None
-    assert sample("poolbudget_restarts_skipped_total", **gone, deployment="api") is None
+    assert (
+        sample("poolbudget_restarts_skipped_total", **gone, deployment="api", reason="Unchanged")
+        is None
+    )
     assert sample("poolbudget_errors_total", **gone, reason="DatabaseUnreachable") is None
     assert sample("poolbudget_target_live_connections", **gone, deployment="api", state="idle") is None  # fmt: skip
     assert sample("poolbudget_budget_feasible", **kept) == 1
-    assert sample("poolbudget_restarts_skipped_total", **kept, deployment="api") == 1
+    assert (
+        sample("poolbudget_restarts_skipped_total", **kept, deployment="api", reason="Unchanged")
+        == 1
+    )
     metrics.forget_watch(kept["namespace"], kept["poolbudget"])  # the watch's series only
     assert sample("poolbudget_target_live_connections", **kept, deployment="api", state="idle") is None  # fmt: skip
     assert sample("poolbudget_errors_total", **kept, reason="DatabaseUnreachable") == 1

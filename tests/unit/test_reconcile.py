@@ -174,8 +174,8 @@ class World:
         observed = Observed(deployments=self.deployments, hpa_max_replicas={}, claims={})
         outcome = await reconciler.reconcile(budget, observed, self.memory)
         self.status = outcome.status  # what this round decided (written or held)
-        if outcome.status_written:
-            self.server_status = outcome.status
+        if self.kube.statuses:  # what the API server has: the last status written
+            self.server_status = self.kube.statuses[-1]
         # What the cluster would now show: the template carries the hash we patched.
         for kind, name in self.kube.writes:
             if kind == "restart":

@@ -12,7 +12,8 @@ import pytest
 from kubernetes.aio.client import Configuration
 
 from poolbudget import metrics
-from poolbudget.adapters.kube import BudgetRef, KubeError, KubeGateway, NotLeaderError
+from poolbudget.adapters.kube import KubeError, KubeGateway, NotLeaderError
+from poolbudget.domain.decide import BudgetRef
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -37,9 +38,9 @@ from poolbudget.adapters.apiclient import (
     request,
 )
 from poolbudget.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from poolbudget.domain.decide import BudgetRef
 
 FIELD_MANAGER = "poolbudget-operator"
-CONFLICT_RETRIES = 5
 # Requests in flight at once, and the size of the gateway's connection pool (aiohttp's
 # TCPConnector `limit`). aiohttp queues a request beyond the limit until a connection is
 # free, and that wait counts against the request's own timeout: hundreds of budgets
@@ -61,7 +62,22 @@ APPLY = "application/apply-patch+yaml"  # a JSON body is valid YAML
 
 
 class KubeError(Exception):
-    """An API call failed in a way waiting may fix (timeouts, 5xx, conflicts exhausted)."""
+    """An API call failed. `status` is the API server's HTTP answer (None: no answer, a
+    timeout or a broken connection); `api_reason` and `api_message` its Status object's
+    reason and message (`Forbidden`, `exceeded quota: ...`), for conditions and Events."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        api_reason: str | None = None,
+        api_message: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.api_reason = api_reason
+        self.api_message = api_message
 
 
 class NotFoundError(KubeError):
@@ -115,19 +131,20 @@ class ConfigMapCache(Protocol):
     def remember(self, namespace: str, name: str, view: ConfigMapView) -> None: ...
 
 
-@dataclass(frozen=True)
-class BudgetRef:
-    """What an Event needs to point at the PoolBudget."""
-
-    namespace: str
-    name: str
-    uid: str
-
-
 def _translate(exc: ApiException, what: str) -> KubeError:
     if exc.status == 404:
-        return NotFoundError(f"{what} not found")
-    return KubeError(f"{what}: API error {exc.status} {exc.reason}: {exc.body}")
+        return NotFoundError(f"{what} not found", status=404)
+    try:
+        answer: Any = json.loads(exc.body) if exc.body else {}
+    except ValueError:  # not a Status object: a proxy's page, say
+        answer = {}
+    answer = answer if isinstance(answer, dict) else {}
+    return KubeError(
+        f"{what}: API error {exc.status} {exc.reason}: {exc.body}",
+        status=exc.status,
+        api_reason=str(answer.get("reason") or exc.reason or "") or None,
+        api_message=str(answer["message"]) if answer.get("message") else None,
+    )
 
 
 Call = Callable[[], Awaitable[aiohttp.ClientResponse]]
@@ -347,24 +364,20 @@ class KubeGateway:
         )
 
     async def _write(self, kind: str, namespace: str, what: str, call: Call) -> dict[str, Any]:
-        """Run one write; retry conflicts (409) with a short backoff, nothing else blindly.
-        Each attempt asks `may_write` first, and is bounded by the request timeout.
-        Returns the API server's answer (the object written) as raw JSON."""
-        for attempt in range(CONFLICT_RETRIES):
-            try:
-                async with self._in_flight:
-                    # Asked once a request slot is ours, right before sending: a write
-                    # that queued behind others must not go out on a stale answer.
-                    if self._may_write is not None and not self._may_write():
-                        metrics.API_WRITES_REFUSED.labels(kind=kind, reason="NotLeader").inc()
-                        raise NotLeaderError(f"{what}: not sent, this replica may not write")
-                    metrics.API_WRITES.labels(kind=kind, namespace=namespace).inc()
-                    return await read_json(await call())
-            except ApiException as exc:
-                if exc.status == 409 and attempt + 1 < CONFLICT_RETRIES:
-                    await asyncio.sleep(0.05 * 2**attempt)
-                    continue
-                raise _translate(exc, what) from None
-            except TRANSPORT_ERRORS as exc:
-                raise KubeError(f"{what}: {type(exc).__name__}") from None
-        raise KubeError(f"{what}: still conflicting after {CONFLICT_RETRIES} attempts")
+        """Run one write, asking `may_write` first, bounded by the request timeout. None of
+        the writes can conflict (forced server-side apply, patches without a
+        resourceVersion, Events by generateName), so none is retried here: a refusal goes
+        back to the reconcile, which reports it. Returns the object written, as raw JSON."""
+        try:
+            async with self._in_flight:
+                # Asked once a request slot is ours, right before sending: a write that
+                # queued behind others must not go out on a stale answer.
+                if self._may_write is not None and not self._may_write():
+                    metrics.API_WRITES_REFUSED.labels(kind=kind, reason="NotLeader").inc()
+                    raise NotLeaderError(f"{what}: not sent, this replica may not write")
+                metrics.API_WRITES.labels(kind=kind, namespace=namespace).inc()
+                return await read_json(await call())
+        except ApiException as exc:
+            raise _translate(exc, what) from None
+        except TRANSPORT_ERRORS as exc:
+            raise KubeError(f"{what}: {type(exc).__name__}") from None

@@ -35,6 +35,7 @@ from poolbudget.domain.activity import (
     session_state,
 )
 from poolbudget.domain.facts import DatabaseFacts
+from poolbudget.domain.reasons import Reason
 
 T = TypeVar("T")
 
@@ -104,27 +105,40 @@ _CONNECTION_LOST = (
 
 
 class DatabaseProbeError(Exception):
-    """Base class: the database's limits could not be read. Messages never hold secrets."""
+    """Base class: the database's limits could not be read. Messages never hold secrets;
+    `reason` is what the DatabaseObserved condition says."""
+
+    reason = Reason.DATABASE_ERROR
 
 
 class InvalidDsnError(DatabaseProbeError):
     """The DSN is not a usable postgresql:// URI (rejected before connecting)."""
 
+    reason = Reason.INVALID_DSN
+
 
 class DatabaseAuthError(DatabaseProbeError):
     """The server refused the credentials, or the role may not connect to the database."""
+
+    reason = Reason.AUTHENTICATION_FAILED
 
 
 class DatabaseNotFoundError(DatabaseAuthError):
     """The DSN names a database the server does not have."""
 
+    reason = Reason.DATABASE_NOT_FOUND
+
 
 class DatabaseUnreachableError(DatabaseProbeError):
     """Nothing answered at that address, the server refused new clients, or went away."""
 
+    reason = Reason.DATABASE_UNREACHABLE
+
 
 class DatabaseTimeoutError(DatabaseProbeError):
     """The server (or the network) did not answer in time."""
+
+    reason = Reason.DATABASE_TIMEOUT
 
 
 @dataclass(frozen=True)

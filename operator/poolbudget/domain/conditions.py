@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from poolbudget.domain.facts import Frozen
+from poolbudget.domain.reasons import Reason
 
 
 class ConditionType(StrEnum):
@@ -33,7 +34,7 @@ class Observation(Frozen):
 
     type: ConditionType
     status: bool | None  # None = Unknown
-    reason: str  # CamelCase
+    reason: str  # a Reason, or a signal's kind (DatabaseHealthy)
     message: str
 
     @property
@@ -97,13 +98,6 @@ def summarize_ready(observations: Sequence[Observation]) -> Observation:
     return Observation(
         type=ConditionType.READY,
         status=True,
-        reason="BudgetApplied",
+        reason=Reason.BUDGET_APPLIED,
         message="every target's pool settings are applied and fit the database",
     )
-
-
-def condition_status(conditions: Sequence[Mapping[str, Any]], kind: ConditionType) -> str | None:
-    for condition in conditions:
-        if condition.get("type") == kind.value:
-            return str(condition.get("status"))
-    return None

@@ -24,6 +24,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from poolbudget.domain.facts import Frozen
+from poolbudget.domain.reasons import SkipReason
 
 
 class TargetState(Frozen):
@@ -72,6 +73,8 @@ class TargetAction(Frozen):
     restart: bool
     phase: TargetPhase
     message: str
+    # Why it is not restarted this round (None: restarted, or its Deployment is missing).
+    skipped: SkipReason | None = None
 
 
 class RolloutPlan(Frozen):
@@ -135,8 +138,10 @@ def plan_rollout(
     for target in sorted(targets, key=lambda t: (t.name in growers, t.name)):
         write = target.configmap_hash != target.desired_hash
         restart = False
+        skipped: SkipReason | None = None
         if write and target.name in growers and hold_growers:
             write = False
+            skipped = SkipReason.WAITING_FOR_SHRINK
             phase = TargetPhase.PENDING
             message = (
                 f"pool grows; waits for {', '.join(unsettled_others)} to finish rolling out first"
@@ -147,12 +152,15 @@ def plan_rollout(
                 "Deployment not found; its ConfigMap is kept current",
             )
         elif not policy.restarts_enabled or target.template_hash == target.desired_hash:
+            skipped = SkipReason.UNCHANGED if policy.restarts_enabled else SkipReason.DISABLED
             phase, message = _applied_phase(target, policy)
         elif (remaining := _cooldown_left(target, policy, now)) > 0:
+            skipped = SkipReason.COOLDOWN
             recheck = remaining if recheck is None else min(recheck, remaining)
             phase = TargetPhase.PENDING
             message = f"restart due; cooldown (minIntervalSeconds) ends in {int(remaining) + 1}s"
         elif target.rolling or slots <= 0:
+            skipped = SkipReason.ROLLING if target.rolling else SkipReason.MAX_CONCURRENT
             reason = (
                 "a rollout is already in progress"
                 if target.rolling
@@ -170,6 +178,7 @@ def plan_rollout(
                 restart=restart,
                 phase=phase,
                 message=message,
+                skipped=skipped,
             )
         )
 

@@ -22,6 +22,7 @@ from poolbudget.domain.activity import (
     StateCounts,
 )
 from poolbudget.domain.conditions import ConditionType, Observation, rfc3339
+from poolbudget.domain.reasons import Reason
 
 # How many clients of no target status names (the largest first); the total counts all.
 TOP_UNBUDGETED = 5
@@ -64,13 +65,13 @@ def health_observation(
             return Observation(
                 type=ConditionType.DATABASE_HEALTHY,
                 status=None,
-                reason="ActivityUnreadable",
+                reason=Reason.ACTIVITY_UNREADABLE,
                 message=failed,
             )
         return Observation(
             type=ConditionType.DATABASE_HEALTHY,
             status=None,
-            reason="NotYetObserved",
+            reason=Reason.NOT_YET_OBSERVED,
             message="pg_stat_activity is read at the next refresh of the database",
         )
     notes = [failed] if failed else []
@@ -99,7 +100,7 @@ def health_observation(
     return Observation(
         type=ConditionType.DATABASE_HEALTHY,
         status=True,
-        reason="WithinThresholds",
+        reason=Reason.WITHIN_THRESHOLDS,
         message="; ".join([summary, *notes]),
     )
 
