@@ -396,8 +396,7 @@ def test_a_write_the_api_server_refuses_is_reported_on_the_budget(
             "spec": {"hard": {"count/configmaps": "0"}},
         }
     )
-    ns.apply(deployment("api", 1))
-    wait_for(lambda: ns.rolled_out("api"), timeout=60, what="api rolled out")
+    ns.apply(deployment("api", 1))  # its pod waits for the ConfigMap it reads
     generation = ns.get("deployment", "api")["metadata"]["generation"]
     log_before = len(operator_process.log())
     ns.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 2}]))

@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client.metrics import MetricWrapperBase
 
 from poolbudget import metrics
-from poolbudget.domain.reasons import ERROR_REASONS, SkipReason
+from poolbudget.domain.reasons import ERROR_REASONS, Reason, SkipReason
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -47,3 +47,10 @@ def test_the_documented_skip_reasons_are_the_ones_counted() -> None:
         line for line in README.splitlines() if "`poolbudget_restarts_skipped_total`" in line
     )
     assert set(re.findall(r"`([A-Z]\w+)`", row)) == {reason.value for reason in SkipReason}
+
+
+def test_the_readme_lists_every_reason_and_no_other() -> None:
+    section = README.split("### Conditions, Events and their reasons", 1)[1].split("\n### ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")][1:]
+    listed = {name for row in rows for name in re.findall(r"`([A-Z][A-Za-z]+)`", row[2])}
+    assert listed == {reason.value for reason in Reason}
