@@ -22,6 +22,11 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from poolbudget.api.status import (
+    CONDITION_REASON_PATTERN,
+    CONDITION_TYPE_PATTERN,
+    PoolBudgetStatus,
+)
 from poolbudget.api.v1alpha1 import (
     DATA_KEY_PATTERN,
     DNS1123_SUBDOMAIN,
@@ -53,6 +58,8 @@ def _unwrap_optional(annotation: Any) -> Any:
 
 def _type_schema(annotation: Any) -> dict[str, Any]:
     annotation = _unwrap_optional(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:  # validators only (status.Entries)
+        annotation = typing.get_args(annotation)[0]
     origin = typing.get_origin(annotation)
     if origin in (tuple, list):
         item = typing.get_args(annotation)[0]
@@ -118,6 +125,12 @@ PATTERN_SENTENCES = {
     ),
     DATA_KEY_PATTERN: "A Secret data key: letters, digits, '-', '_' and '.'.",
     PRINTABLE_ASCII: "Printable ASCII only (PostgreSQL shows any other character as '?').",
+    CONDITION_TYPE_PATTERN: (
+        "A CamelCase name, optionally prefixed by a DNS subdomain and '/' (metav1.Condition)."
+    ),
+    CONDITION_REASON_PATTERN: (
+        "CamelCase: starts with a letter; letters, digits, '_', ',' and ':' (metav1.Condition)."
+    ),
 }
 
 
@@ -198,268 +211,9 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     return schema
 
 
-def _integer(description: str) -> dict[str, Any]:
-    return {"type": "integer", "description": description}
-
-
-def _string(description: str, **more: Any) -> dict[str, Any]:
-    return {"type": "string", "description": description, **more}
-
-
-# metav1.Condition exactly as Kubernetes' own CRDs declare it (controller-gen's output for
-# k8s.io/apimachinery/pkg/apis/meta/v1.Condition): tools that read conditions can rely on it.
-CONDITION_TYPE_PATTERN = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
-)
-CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
-# What reconcile.py writes into status.allocations[].state (TargetPhase plus Conflict).
-ALLOCATION_STATES = ("Applied", "Rolling", "Stalled", "Pending", "Missing", "Conflict")
-VERDICTS = ("Feasible", "OverflowReduced", "Infeasible")
-
-
-def _condition_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "description": (
-            "A standard Kubernetes condition (metav1.Condition): one aspect of the budget's state."
-        ),
-        "required": ["type", "status", "reason", "message", "lastTransitionTime"],
-        "properties": {
-            "type": _string(
-                "Ready (DatabaseObserved, BudgetFeasible and RolloutComplete are True), "
-                "DatabaseObserved (the limits could be read), BudgetFeasible (the plan fits "
-                "the usable connections), RolloutComplete (every target runs its current "
-                "settings) or DatabaseHealthy (spec.database.watch: no starvation signal is "
-                "raised; it reports and does not count toward Ready).",
-                maxLength=316,
-                pattern=CONDITION_TYPE_PATTERN,
-            ),
-            "status": _string("True, False or Unknown.", enum=["True", "False", "Unknown"]),
-            "reason": _string(
-                "CamelCase reason for the status, for tools and alerts (for example "
-                "BudgetInfeasible, AuthenticationFailed, RolloutPending, OverAllocation).",
-                minLength=1,
-                maxLength=1024,
-                pattern=CONDITION_REASON_PATTERN,
-            ),
-            "message": _string("What happened, for humans; may be empty.", maxLength=32768),
-            "observedGeneration": {
-                **_integer("metadata.generation of the spec this condition was computed from."),
-                "format": "int64",
-                "minimum": 0,
-            },
-            "lastTransitionTime": _string(
-                "When status last changed (not when the condition was last checked).",
-                format="date-time",
-            ),
-        },
-    }
-
-
-def _count(description: str) -> dict[str, Any]:
-    return {**_integer(description), "minimum": 0}
-
-
-def _live_connections_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "description": (
-            "The target's connections open at the last refresh (spec.database.watch), by "
-            "pg_stat_activity state, to compare with peakConnections. Targets that share an "
-            "application_name cannot be told apart: each shows their sum."
-        ),
-        "properties": {
-            "applicationName": _string("The application_name the connections carry."),
-            "active": _count("Running a query."),
-            "idle": _count("Idle in the pool."),
-            "idleInTransaction": _count("Idle inside an open transaction."),
-            "unknown": _count(
-                "State hidden from the operator's role (another role's session without pg_monitor)."
-            ),
-            "total": _count("All of them: what counts against peakConnections."),
-        },
-    }
-
-
-def _activity_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "description": (
-            "The database's client connections at the last refresh (spec.database.watch): "
-            "every database of the server, since max_connections is one limit for all."
-        ),
-        "properties": {
-            "connectionsInUse": _count(
-                "Client connections open on the server, this budget's or not: compare with "
-                "usableConnections."
-            ),
-            "unbudgetedConnections": _count(
-                "Client connections whose application_name belongs to no target of this "
-                "budget (nor the operator): admin sessions, cron jobs, other budgets' targets."
-            ),
-            "unbudgetedClients": {
-                "type": "array",
-                "description": "The largest unbudgeted clients (at most 5), by application_name.",
-                "maxItems": 5,
-                "items": {
-                    "type": "object",
-                    "description": "One application_name and its connections.",
-                    "properties": {
-                        "applicationName": _string("application_name; empty if none was set."),
-                        "connections": _count("Its connections."),
-                    },
-                },
-            },
-            "operatorConnections": _count(
-                "The operator's own connections (application_name poolbudget-operator)."
-            ),
-            "lockWaits": _count("Sessions waiting on a lock."),
-            "staleTransactions": _count(
-                "Sessions idle in transaction for longer than "
-                "spec.database.watch.idleInTransactionWarningSeconds."
-            ),
-            "visibility": _string(
-                "Full: the role sees every session's state (pg_monitor). Partial: other "
-                "roles' sessions are counted but their state, lock waits and stale "
-                "transactions are hidden; grant pg_monitor to see them.",
-                enum=["Full", "Partial"],
-            ),
-            "observedTime": _string("When pg_stat_activity was read.", format="date-time"),
-        },
-    }
-
-
 def status_schema() -> dict[str, Any]:
     """What the operator reports; observation only, written through /status."""
-    live_connections = _live_connections_schema()
-    allocation = {
-        "type": "object",
-        "description": (
-            "What one target was given: the pool settings in its ConfigMap and where its "
-            "rollout stands."
-        ),
-        "required": ["deploymentName"],
-        "properties": {
-            "deploymentName": _string("The target Deployment (spec.targets[].deploymentName)."),
-            "podsWorstCase": _integer(
-                "Pods budgeted for: max(replicas, HPA maxReplicas) + maxSurge under "
-                "replicaBasis WorstCase, replicas + maxSurge under Current; plus one rollout "
-                "step of terminating pods (maxSurge + maxUnavailable) under terminatingPods "
-                "Counted."
-            ),
-            "workers": _integer("Processes with their own pool: podsWorstCase x processesPerPod."),
-            "poolSize": _integer("pool_size written into the ConfigMap (DB_POOL_SIZE)."),
-            "maxOverflow": _integer(
-                "max_overflow written into the ConfigMap (DB_MAX_OVERFLOW); below the requested "
-                "value when the budget had to lower it."
-            ),
-            "peakConnections": _integer(
-                "Most connections this target can open at once: workers x (poolSize + maxOverflow)."
-            ),
-            "configMapName": _string("The ConfigMap holding the settings, for envFrom."),
-            "configHash": _string(
-                "sha256 of the ConfigMap data (sorted keys); the operator sets it as the "
-                "poolbudget.dev/config-hash annotation on the pod template to roll the "
-                "Deployment."
-            ),
-            "restartedTime": _string(
-                "When the operator last restarted this Deployment; absent if it never has.",
-                format="date-time",
-            ),
-            "state": _string(
-                "Applied: ConfigMap current and the pods run it. Rolling: restarted, rollout in "
-                "progress. Stalled: the rollout makes no progress. Pending: waiting for a "
-                "restart slot (rollout.maxConcurrent), the cooldown (rollout.minIntervalSeconds) "
-                "or other targets to settle. Missing: the Deployment does not exist; its "
-                "ConfigMap is kept current. Conflict: another PoolBudget already manages this "
-                "Deployment; nothing is written for it.",
-                enum=list(ALLOCATION_STATES),
-            ),
-            "message": _string("Why the target is in this state, for humans."),
-            "liveConnections": live_connections,
-        },
-    }
-    database = {
-        "type": "object",
-        "description": (
-            "The database's connection limits as last read by the operator (or taken from "
-            "spec.database.maxConnectionsOverride)."
-        ),
-        "properties": {
-            "maxConnections": _integer(
-                "PostgreSQL max_connections, or spec.database.maxConnectionsOverride when set."
-            ),
-            "superuserReservedConnections": _integer(
-                "PostgreSQL superuser_reserved_connections: slots only superusers may use."
-            ),
-            "reservedConnections": _integer(
-                "PostgreSQL reserved_connections (PostgreSQL 16 and later, else 0): slots for "
-                "roles with pg_use_reserved_connections."
-            ),
-            "usableConnections": _integer(
-                "maxConnections minus both PostgreSQL reserves and spec.reservedConnections: "
-                "what the budget may hand out."
-            ),
-            "connectionsInUse": _integer(
-                "Client connections open on the server (all databases) when the limits were "
-                "last read; absent if the role may not count them."
-            ),
-            "serverVersion": _string("PostgreSQL server version, e.g. 16.4."),
-            "observedTime": _string("When these facts were read.", format="date-time"),
-        },
-    }
-    return {
-        "type": "object",
-        "description": "Observed state, written by the operator through the status subresource.",
-        "properties": {
-            "observedGeneration": {
-                **_integer(
-                    "metadata.generation of the spec this status describes; behind "
-                    "metadata.generation while the operator has not acted on the latest change."
-                ),
-                "format": "int64",
-            },
-            "database": database,
-            "activity": _activity_schema(),
-            "allocations": {
-                "type": "array",
-                "description": "One entry per target, keyed by deploymentName.",
-                "items": allocation,
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["deploymentName"],
-            },
-            "peakConnections": _integer(
-                "Sum of the allocations' peakConnections: the most connections all targets can "
-                "open at once in the budgeted worst case."
-            ),
-            "usableConnections": _integer(
-                "max_connections minus PostgreSQL's reserves and spec.reservedConnections."
-            ),
-            "headroom": _integer(
-                "usableConnections - peakConnections: connections left over in the worst case."
-            ),
-            "verdict": _string(
-                "Outcome of the last plan. Feasible: every target fits with its requested "
-                "max_overflow. OverflowReduced: max_overflow was lowered so the minimum pools "
-                "fit. Infeasible: even minPoolSize with no overflow does not fit; the last good "
-                "ConfigMaps are kept and BudgetFeasible is False.",
-                enum=list(VERDICTS),
-            ),
-            "conditions": {
-                "type": "array",
-                "description": (
-                    "Ready, DatabaseObserved, BudgetFeasible, RolloutComplete and "
-                    "DatabaseHealthy, keyed by type. Ready is True only when DatabaseObserved, "
-                    "BudgetFeasible and RolloutComplete are: it says the plan is applied. "
-                    "DatabaseHealthy reports what the watch sees and never makes Ready False."
-                ),
-                "items": _condition_schema(),
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            },
-        },
-    }
+    return model_schema(PoolBudgetStatus)
 
 
 def _condition_column(
