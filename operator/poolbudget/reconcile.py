@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from poolbudget import metrics
 from poolbudget.adapters.kube import KubeError, NotFoundError, SecretKeyMissingError
 from poolbudget.adapters.postgres import DatabaseProbeError
+from poolbudget.api.status import PoolBudgetStatus
 from poolbudget.api.v1alpha1 import PoolBudgetSpec, describe_validation_error
 from poolbudget.domain.activity import DatabaseActivity, SignalKind
 from poolbudget.domain.admission import AdmissionLimit
@@ -79,7 +80,7 @@ class Kube(Protocol):
         self, namespace: str, deployment: str, annotations: dict[str, str]
     ) -> None: ...
     async def patch_budget_status(
-        self, namespace: str, name: str, status: dict[str, Any]
+        self, namespace: str, name: str, status: PoolBudgetStatus
     ) -> None: ...
     async def post_event(
         self, budget: BudgetRef, type_: str, reason: str, message: str
@@ -510,7 +511,9 @@ class Reconciler:
         if not changed:
             return
         try:
-            await self.kube.patch_budget_status(budget.namespace, budget.name, status)
+            await self.kube.patch_budget_status(
+                budget.namespace, budget.name, PoolBudgetStatus.model_validate(status)
+            )
         except KubeError as exc:
             if not _refused(exc):
                 raise

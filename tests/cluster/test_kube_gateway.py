@@ -18,6 +18,7 @@ from poolbudget.adapters.kube import (
     NotLeaderError,
     SecretKeyMissingError,
 )
+from poolbudget.api.status import PoolBudgetStatus
 from poolbudget.domain.decide import BudgetRef
 from tests.e2e.support import Cluster, budget, deployment
 
@@ -93,7 +94,7 @@ async def test_reads_and_writes_on_the_real_api_server(
     assert not await kube.budget_exists(ns, "shop")
     cluster.apply(budget("shop", [{"deploymentName": "api", "processesPerPod": 1}]))
     assert await kube.budget_exists(ns, "shop")
-    await kube.patch_budget_status(ns, "shop", {"peakConnections": 7, "headroom": 3})
+    await kube.patch_budget_status(ns, "shop", PoolBudgetStatus(peak_connections=7, headroom=3))
     status = cluster.get("poolbudget", "shop")["status"]
     assert status["peakConnections"] == 7
     uid = str(cluster.get("poolbudget", "shop")["metadata"]["uid"])

@@ -3,10 +3,11 @@
 The CRD is generated from the models (`make crds`), so the first tests only check the
 committed files are current. The rest do not trust the generator: they walk
 `PoolBudgetSpec.model_fields` themselves and compare every field, type, default, bound,
-pattern and enum with the committed YAML in both directions, replay the API server's
-defaulting on the YAML and compare it with pydantic's defaults, and check that what the
-reconciler writes into status fits the status schema (the API server would silently prune a
-field it does not know, or reject the whole status patch).
+pattern and enum with the committed YAML in both directions (the spec's models and the
+status's, api/status.py), replay the API server's defaulting on the YAML and compare it with
+pydantic's defaults, and check that what the reconciler writes into status passes through
+the status model unchanged (the API server would silently prune a field it does not know,
+or reject the whole status patch).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pydantic_core import PydanticUndefined
 
 from poolbudget.adapters.postgres import DatabaseAuthError
 from poolbudget.api.crd import render
+from poolbudget.api.status import PoolBudgetStatus
 from poolbudget.api.v1alpha1 import (
     GROUP,
     KIND,
@@ -131,6 +133,8 @@ def _expected(field: FieldInfo) -> tuple[Schema, Any]:
     """The constraint keywords the CRD must carry for this field, and the nested model or
     item annotation to recurse into (None for scalars)."""
     annotation = _unwrap_optional(field.annotation)
+    if typing.get_origin(annotation) is typing.Annotated:  # validators only
+        annotation = typing.get_args(annotation)[0]
     nested: Any = None
     expected: Schema = {}
     is_array = typing.get_origin(annotation) in (tuple, list)
@@ -163,6 +167,9 @@ def _expected(field: FieldInfo) -> tuple[Schema, Any]:
             expected["maxItems" if is_array else "maxLength"] = meta.max_length
         if getattr(meta, "pattern", None) is not None:
             expected["pattern"] = meta.pattern
+    if isinstance(field.json_schema_extra, dict):  # format: date-time, int64
+        extra = field.json_schema_extra
+        expected.update({k: v for k, v in extra.items() if k in CONSTRAINT_KEYWORDS})
     default = field.default
     if default is not PydanticUndefined and default is not None:
         if isinstance(default, BaseModel):
@@ -498,6 +505,10 @@ def test_cel_cost_stays_bounded(spec_schema: Schema) -> None:
 # --------------------------------------------------------------------------- status
 
 
+def test_status_schema_and_models_agree_field_by_field(status_schema: Schema) -> None:
+    assert list(_compare(PoolBudgetStatus, status_schema, "status")) == []
+
+
 def test_status_enums_match_what_the_operator_writes(status_schema: Schema) -> None:
     props = status_schema["properties"]
     allocation = props["allocations"]["items"]["properties"]
@@ -524,41 +535,6 @@ def test_conditions_are_standard_metav1_conditions(status_schema: Schema) -> Non
     allocations = status_schema["properties"]["allocations"]
     assert allocations["x-kubernetes-list-map-keys"] == ["deploymentName"]
     assert "x-kubernetes-preserve-unknown-fields" not in status_schema
-
-
-def _violations(schema: Schema, value: Any, path: str) -> Iterator[str]:
-    """What the API server would prune (unknown fields) or reject (type, enum, pattern,
-    length, required) in a status value. Enough of structural validation for status."""
-    kind = schema.get("type")
-    python_types: dict[str, tuple[type, ...]] = {
-        "object": (dict,), "array": (list,), "string": (str,), "integer": (int,),
-        "number": (int, float), "boolean": (bool,),
-    }  # fmt: skip
-    if kind in python_types and (
-        not isinstance(value, python_types[kind])
-        or (kind in ("integer", "number") and isinstance(value, bool))
-    ):
-        yield f"{path}: {value!r} is not {kind}"
-        return
-    if "enum" in schema and value not in schema["enum"]:
-        yield f"{path}: {value!r} not in {schema['enum']}"
-    if isinstance(value, str):
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            yield f"{path}: {value!r} does not match {schema['pattern']}"
-        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", 1e9):
-            yield f"{path}: length {len(value)} out of bounds"
-    if isinstance(value, dict):
-        for name in schema.get("required", []):
-            if name not in value:
-                yield f"{path}.{name}: required, missing"
-        for name, child in value.items():
-            if name not in schema.get("properties", {}):
-                yield f"{path}.{name}: not in the schema (the API server would drop it)"
-            else:
-                yield from _violations(schema["properties"][name], child, f"{path}.{name}")
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _violations(schema["items"], item, f"{path}[{index}]")
 
 
 async def _feasible_and_rolled_out(world: World) -> None:
@@ -626,20 +602,48 @@ SCENARIOS = {
 }
 
 
+@dataclasses.dataclass
+class RecordingWorld(World):
+    """Keeps every status the reconciler decided to write, as the dict it built."""
+
+    decided: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    async def reconcile(self) -> None:
+        before = len(self.kube.statuses)
+        await super().reconcile()
+        if len(self.kube.statuses) > before:
+            self.decided.append(self.server_status)
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
-async def test_what_the_reconciler_writes_fits_the_status_schema(
-    status_schema: Schema, scenario: str
+async def test_what_the_reconciler_writes_is_a_status_the_model_keeps_whole(
+    scenario: str,
 ) -> None:
+    """The status the API server gets is the model's (PoolBudgetStatus, whose schema is
+    the CRD's, checked field by field above): each dict the reconciler builds must come
+    out of the model unchanged. A field the model does not know, a value it cannot read
+    (an unknown state) or an entry it would drop would differ."""
     act, ready_reason, states = SCENARIOS[scenario]
     # No status hold: every round's status is written, so every state the reconciler can
-    # write (Rolling included) is checked against the schema.
-    world = World(status_hold=False)
+    # write (Rolling included) is checked.
+    world = RecordingWorld(status_hold=False)
     await act(world)
     assert world.condition("Ready")["reason"] == ready_reason
     assert [a["state"] for a in world.status.get("allocations", [])] == states
     assert world.kube.statuses, "the scenario wrote no status"
-    for status in world.kube.statuses:
-        assert list(_violations(status_schema, status, "status")) == []
+    assert world.kube.statuses == world.decided
+
+
+def test_the_round_trip_notices_what_the_model_would_lose() -> None:
+    written = {"headroom": 3, "allocations": [{"deploymentName": "api", "state": "Applied"}]}
+    assert PoolBudgetStatus.model_validate(written).to_body() == written
+    for lossy in (
+        {**written, "headrom": 3},
+        {**written, "allocations": [{"deploymentName": "api", "state": "Applid"}]},
+        {**written, "verdict": "Fits"},
+        {**written, "database": {"connectionsInUse": None}},
+    ):
+        assert PoolBudgetStatus.model_validate(lossy).to_body() != lossy
 
 
 # --------------------------------------------------------------------------- names, columns

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from poolbudget.adapters.kube import NotFoundError
 from poolbudget.adapters.postgres import DatabaseAuthError
+from poolbudget.api.status import PoolBudgetStatus
 from poolbudget.domain.activity import ActivityRow, DatabaseActivity, SessionState
 from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.facts import DatabaseFacts
@@ -74,9 +75,11 @@ class FakeKube:
     ) -> None:
         self.writes.append(("restart", deployment))
 
-    async def patch_budget_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    async def patch_budget_status(
+        self, namespace: str, name: str, status: PoolBudgetStatus
+    ) -> None:
         self.writes.append(("status", name))
-        self.statuses.append(status)
+        self.statuses.append(status.to_body())
 
     async def post_event(self, budget: Any, type_: str, reason: str, message: str) -> None:
         self.writes.append(("event", reason))

@@ -13,6 +13,7 @@ from kubernetes.aio.client import Configuration
 
 from poolbudget import metrics
 from poolbudget.adapters.kube import KubeError, KubeGateway, NotLeaderError
+from poolbudget.api.status import PoolBudgetStatus
 from poolbudget.domain.decide import BudgetRef
 
 
@@ -37,7 +38,7 @@ async def test_every_write_is_refused_before_sending(
     writes = {
         "configmap": kube.apply_configmap("ns", "cm", {}, {}, {}),
         "deployment": kube.annotate_pod_template("ns", "api", {"a": "b"}),
-        "status": kube.patch_budget_status("ns", "shop", {}),
+        "status": kube.patch_budget_status("ns", "shop", PoolBudgetStatus()),
         "event": kube.post_event(BudgetRef("ns", "shop", "uid"), "Normal", "R", "m"),
     }
     for kind, write in writes.items():

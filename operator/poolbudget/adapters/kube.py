@@ -37,6 +37,7 @@ from poolbudget.adapters.apiclient import (
     read_json,
     request,
 )
+from poolbudget.api.status import PoolBudgetStatus
 from poolbudget.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from poolbudget.domain.decide import BudgetRef
 
@@ -297,8 +298,31 @@ class KubeGateway:
             ),
         )
 
-    async def patch_budget_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """A merge patch of the status subresource (lists in it are replaced whole)."""
+    async def patch_budget_status(
+        self, namespace: str, name: str, status: PoolBudgetStatus
+    ) -> None:
+        """Replace the status subresource with `status`: fields it leaves out are removed.
+
+        A JSON merge patch carrying an explicit null for every field the model knows and
+        this status leaves out (`PoolBudgetStatus.merge_patch`); lists are replaced whole.
+        Until issue 13 the patch left absent fields out, and a field that vanished
+        (database.connectionsInUse, database.serverVersion, activity) stayed on the server
+        for good. Why this and not the alternatives:
+
+        - Server-side apply on /status would remove only fields owned by this manager's
+          Apply entry. Every status written so far is owned by an Update entry of the
+          same manager (a merge patch with fieldManager), and an apply does not remove
+          fields an Update entry owns: upgraded budgets would keep their stale fields
+          until their managedFields were migrated by hand.
+        - Nulls computed against the status last written need that status: the operator
+          does not re-read its own (BudgetMemory.written_status, handlers.kept_body), so
+          after a restart or someone else's edit the diff base is a guess.
+        - Nulls for every field of the model need neither: the API server prunes fields
+          its schema does not know, so what it can hold is exactly what the model knows,
+          and this patch turns any of it into `status` (tests/unit/test_status.py checks
+          that property, tests/cluster/test_status_write.py the API server). It costs a
+          few dozen bytes of nulls per write and no read.
+        """
         await self._write(
             "status",
             namespace,
@@ -307,7 +331,7 @@ class KubeGateway:
                 "PATCH",
                 f"{_budget_path(namespace, name)}/status",
                 query=[("fieldManager", FIELD_MANAGER)],
-                body={"status": status},
+                body={"status": status.merge_patch()},
                 content_type=MERGE_PATCH,
             ),
         )
