@@ -612,7 +612,7 @@ class RecordingWorld(World):
         before = len(self.kube.statuses)
         await super().reconcile()
         if len(self.kube.statuses) > before:
-            self.decided.append(self.server_status)
+            self.decided.append(self.status)  # the dict this round built
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
