@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -135,16 +136,19 @@ class ConfigMapCache(Protocol):
 def _translate(exc: ApiException, what: str) -> KubeError:
     if exc.status == 404:
         return NotFoundError(f"{what} not found", status=404)
-    try:
-        answer: Any = json.loads(exc.body) if exc.body else {}
-    except ValueError:  # not a Status object: a proxy's page, say
-        answer = {}
-    answer = answer if isinstance(answer, dict) else {}
+    # apiclient.status_error puts the Status object's message in `body`; a raw Status
+    # (from kubernetes' own calls) is parsed for it.
+    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
+    message = str(body) if body else None
+    with contextlib.suppress(ValueError, TypeError):
+        answer = json.loads(body) if body else None
+        if isinstance(answer, dict):
+            message = str(answer.get("message") or "") or None
     return KubeError(
-        f"{what}: API error {exc.status} {exc.reason}: {exc.body}",
+        f"{what}: API error {exc.status} {exc.reason}: {message}",
         status=exc.status,
-        api_reason=str(answer.get("reason") or exc.reason or "") or None,
-        api_message=str(answer["message"]) if answer.get("message") else None,
+        api_reason=str(exc.reason) if exc.reason else None,
+        api_message=message,
     )
 
 
