@@ -26,9 +26,12 @@ class DeploymentState:
     max_unavailable: int | str | None = None
     recreate: bool
     template_hash: str | None
-    rolling: bool  # pods of an older ReplicaSet are still running
+    # Mid-rollout: the Deployment controller has not called it complete yet, or pods it
+    # replaced are still shutting down (see deployment_state). Restart pacing counts these.
+    rolling: bool
     # The controller has not yet observed the latest spec (generation also moves on
-    # metadata-only edits such as annotations, so this alone is not a rollout).
+    # metadata-only edits such as annotations). Implies `rolling`: counts written for an
+    # older generation say nothing about this one.
     unobserved: bool
     stalled: bool
 
@@ -57,13 +60,33 @@ def deployment_state(body: Mapping[str, Any]) -> DeploymentState:
     template_meta = _mapping(_mapping(spec.get("template")).get("metadata"))
     annotations = _mapping(template_meta.get("annotations"))
 
+    replicas = int(spec.get("replicas", 1))
     generation = int(metadata.get("generation", 0))
     observed = int(status.get("observedGeneration", 0))
-    updated = int(status.get("updatedReplicas", 0))
-    total = int(status.get("replicas", 0))
-    # Old pods still present: the part of `kubectl rollout status` that means pods are
-    # being turned over. A scale-up (updated < replicas, all from one ReplicaSet) is not.
-    rolling = total > updated
+    # Complete as the Deployment controller judges it (DeploymentComplete in its util
+    # package, which sets Progressing to NewReplicaSetAvailable; `kubectl rollout status`
+    # asks the same): it has seen the latest spec, every wanted pod runs the current
+    # template, no old pod is left, and every new pod is available (Ready for
+    # minReadySeconds). Old pods gone is not enough: with maxUnavailable >= 1 the last old
+    # pods go before the last new ones are available. The counts are read, not the
+    # Progressing reason: the controller rewrites the counts on every sync but the
+    # condition only on rollout syncs (not on scaling events), so the reason can lag.
+    # A scale-up in progress is incomplete too: its new pods connect as they start.
+    complete = (
+        observed >= generation
+        and int(status.get("updatedReplicas", 0)) == replicas
+        and int(status.get("replicas", 0)) == replicas
+        and int(status.get("availableReplicas", 0)) == replicas
+    )
+    # Pods shutting down (beta in 1.36, absent when the feature is off: then 0) are not in
+    # the counts above: the controller replaces a pod as soon as it starts terminating.
+    # They still hold their pools until their processes exit (README, "Pods that are
+    # shutting down"), so pacing waits for them too: the next Deployment's surge pods do
+    # not connect while this one's old pods still hold theirs. The status does not say
+    # which ReplicaSet they belong to, so a scale-down's are waited for as well; that wait
+    # ends with their grace period.
+    terminating = int(status.get("terminatingReplicas") or 0)
+    rolling = not complete or terminating > 0
     stalled = any(
         _mapping(c).get("type") == "Progressing"
         and _mapping(c).get("status") == "False"
@@ -73,7 +96,7 @@ def deployment_state(body: Mapping[str, Any]) -> DeploymentState:
     raw_hash = annotations.get(ANNOTATION_CONFIG_HASH)
     return DeploymentState(
         name=str(metadata.get("name", "")),
-        replicas=int(spec.get("replicas", 1)),
+        replicas=replicas,
         max_surge=rolling_update.get("maxSurge"),
         max_unavailable=rolling_update.get("maxUnavailable"),
         recreate=strategy.get("type") == "Recreate",
