@@ -41,7 +41,8 @@ def test_max_concurrent_limits_restarts_per_round() -> None:
     plan = plan_rollout(targets, RolloutPolicy(max_concurrent=2), NOW)
     assert [a.restart for a in plan.actions] == [True, True, False]
     assert all(a.write_configmap for a in plan.actions)  # same size: safe to write all
-    assert "maxConcurrent (2)" in plan.action("c").message
+    # The two restarted this round hold the slots, and are named.
+    assert "maxConcurrent (2) reached, a, b still rolling out" in plan.action("c").message
 
 
 def test_rollouts_in_progress_take_slots() -> None:
@@ -51,6 +52,8 @@ def test_rollouts_in_progress_take_slots() -> None:
     assert not plan.action("b").restart
     assert plan.action("b").phase is TargetPhase.PENDING
     assert plan.action("a").phase is TargetPhase.ROLLING
+    # Who it waits for, and until when: a rollout is not over when its old pods are gone.
+    assert "a still rolling out (done when every new pod available" in plan.action("b").message
 
 
 def test_cooldown_delays_a_restart_and_asks_to_come_back() -> None:

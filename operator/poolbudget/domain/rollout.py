@@ -12,7 +12,9 @@ The rules, in the order they are applied:
   otherwise pick up the bigger pool early.
 * At most ``maxConcurrent`` Deployments of a budget are rolling at once (rollouts already
   in progress count), and a Deployment is not restarted again within
-  ``minIntervalSeconds`` of its last restart by this operator.
+  ``minIntervalSeconds`` of its last restart by this operator. A rollout lasts until the
+  Deployment controller calls it complete (every new pod available, no old pod left) and
+  the pods it replaced have exited: old pods gone is not the end of it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from pydantic import Field
 from poolbudget.domain.facts import Frozen
 from poolbudget.domain.reasons import SkipReason
 
+# When a rollout is over, for the messages that wait on one.
+ROLLOUT_DONE_WHEN = "every new pod available, every old pod exited"
+
 
 class TargetState(Frozen):
     """What is true now for one target, as read from the cluster."""
@@ -37,10 +42,13 @@ class TargetState(Frozen):
     configmap_per_worker: int | None = None  # pool_size + max_overflow it holds now
     deployment_exists: bool = True
     template_hash: str | None = None  # poolbudget.dev/config-hash on the pod template
-    rolling: bool = False  # a rollout of this Deployment is in progress
+    # A rollout of this Deployment is in progress: not complete by the Deployment
+    # controller's definition (new pods not all available, old pods left), or replaced
+    # pods still shutting down (domain/observe.py).
+    rolling: bool = False
     # A spec change the Deployment controller has not observed yet (maybe the start of a
-    # rollout): holds a restart slot so maxConcurrent is never exceeded, but is not
-    # reported as rolling.
+    # rollout): holds a restart slot so maxConcurrent is never exceeded (the cluster's
+    # view sets `rolling` with it: observe.py).
     unobserved: bool = False
     stalled: bool = False  # ... and the Deployment controller gave up on it
     last_restart: datetime | None = None  # when this operator last restarted it
@@ -109,7 +117,7 @@ def _applied_phase(target: TargetState, policy: RolloutPolicy) -> tuple[TargetPh
             "ConfigMap written; restarts are disabled (rollout.strategy None)",
         )
     if target.rolling:
-        return TargetPhase.ROLLING, "rollout in progress"
+        return TargetPhase.ROLLING, f"rollout in progress (done when {ROLLOUT_DONE_WHEN})"
     return TargetPhase.APPLIED, "settings applied"
 
 
@@ -131,7 +139,9 @@ def plan_rollout(
     # Without restarts there is no pod turnover to order: write everything at once.
     hold_growers = bool(unsettled_others) and policy.restarts_enabled
 
-    slots = policy.max_concurrent - sum(1 for t in targets if t.rolling or t.unobserved)
+    # The Deployments holding restart slots: rolling already, or restarted this round.
+    busy = [t.name for t in targets if t.rolling or t.unobserved]
+    slots = policy.max_concurrent - len(busy)
     recheck: float | None = None
     actions: list[TargetAction] = []
     # Non-growers first so they take the restart slots; name order for determinism.
@@ -162,13 +172,15 @@ def plan_rollout(
         elif target.rolling or slots <= 0:
             skipped = SkipReason.ROLLING if target.rolling else SkipReason.MAX_CONCURRENT
             reason = (
-                "a rollout is already in progress"
+                f"its own rollout is still in progress (done when {ROLLOUT_DONE_WHEN})"
                 if target.rolling
-                else f"maxConcurrent ({policy.max_concurrent}) Deployments are rolling"
+                else f"maxConcurrent ({policy.max_concurrent}) reached, "
+                f"{', '.join(sorted(busy))} still rolling out (done when {ROLLOUT_DONE_WHEN})"
             )
             phase, message = TargetPhase.PENDING, f"restart due; waits: {reason}"
         else:  # the pod template runs other settings, and a slot is free: restart now
             slots -= 1
+            busy.append(target.name)
             restart = True
             phase, message = TargetPhase.ROLLING, "restarted to pick up new pool settings"
         actions.append(
