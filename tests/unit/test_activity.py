@@ -191,10 +191,7 @@ def test_a_target_rolling_out_is_not_judged_over_its_allocation() -> None:
 
     healthy = health_observation(during, SignalState(), None)
     assert healthy.status is True
-    assert (
-        "but api, rolling out (not judged until its rollout is complete and its old pods "
-        "have exited)" in healthy.message
-    )
+    assert "but api, rolling out (not judged until its rollout is complete)" in healthy.message
 
     after = budget_usage(rows, TARGETS, 100)
     assert after.targets[0].over_allocation == 5

@@ -1,7 +1,7 @@
 """deployment_state on Deployment bodies as the API server returns them: a Deployment is
-mid-rollout (`rolling`) until the Deployment controller calls it complete and the pods it
-replaced have exited (issue 13: pacing used to count a rollout as finished once its old
-pods were gone, while new ones were still unavailable)."""
+mid-rollout (`rolling`) until the Deployment controller calls its rollout finished (issue
+13: pacing used to count a rollout as finished once its old pods were gone, while new ones
+were still unavailable)."""
 
 from __future__ import annotations
 
@@ -64,26 +64,38 @@ def test_old_pods_left_is_rolling() -> None:
     assert deployment_state(body(status=status)).rolling
 
 
-def test_observed_generation_behind_is_rolling_whatever_the_counts() -> None:
+def test_observed_generation_behind_holds_a_slot_as_unobserved() -> None:
     """The counts were written for the previous generation (just after the operator patched
-    the template, say): they say nothing about this one."""
+    the template, say): `unobserved` holds a pacing slot (domain/rollout.py) until the
+    controller has looked, without reporting a metadata-only edit as a rollout."""
     state = deployment_state(body(generation=3, status=COMPLETE))
     assert state.unobserved
-    assert state.rolling
+    assert not state.rolling
+    behind = COMPLETE | {"replicas": 5, "updatedReplicas": 1}
+    assert deployment_state(body(generation=3, status=behind)).rolling
 
 
-def test_a_scale_up_in_progress_is_rolling() -> None:
-    status = COMPLETE | {"replicas": 4, "updatedReplicas": 4, "availableReplicas": 4}
-    assert deployment_state(body(replicas=6, status=status)).rolling
+def test_a_scale_up_after_a_finished_rollout_is_not_a_rollout() -> None:
+    """The controller keeps NewReplicaSetAvailable while it scales the new ReplicaSet: pods
+    an HPA adds do not make the Deployment mid-rollout (nor RolloutComplete flap)."""
+    scaling = COMPLETE | {"replicas": 6, "updatedReplicas": 6, "availableReplicas": 4}
+    assert not deployment_state(body(replicas=6, status=scaling)).rolling
+    # Without that reason (no progress deadline, or a rollout still under way) the counts
+    # decide: not all available, not finished.
+    mid = scaling | {"conditions": [progressing("ReplicaSetUpdated")]}
+    assert deployment_state(body(replicas=6, status=mid)).rolling
+    bare = {k: v for k, v in scaling.items() if k != "conditions"}
+    assert deployment_state(body(replicas=6, status=bare)).rolling
 
 
 def test_scaled_down_mid_rollout_is_rolling_until_the_smaller_count_is_complete() -> None:
     """Scaled from 4 to 2 while rolling: old pods and surplus new pods are still there."""
-    during = COMPLETE | {"replicas": 4, "updatedReplicas": 3, "availableReplicas": 3}
+    updating = {"conditions": [progressing("ReplicaSetUpdated")]}
+    during = COMPLETE | updating | {"replicas": 4, "updatedReplicas": 3, "availableReplicas": 3}
     assert deployment_state(body(replicas=2, status=during)).rolling
-    surplus = COMPLETE | {"replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}
+    surplus = COMPLETE | updating | {"replicas": 3, "updatedReplicas": 3, "availableReplicas": 2}
     assert deployment_state(body(replicas=2, status=surplus)).rolling
-    done = COMPLETE | {"replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}
+    done = COMPLETE | updating | {"replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}
     assert not deployment_state(body(replicas=2, status=done)).rolling
 
 
@@ -93,8 +105,8 @@ def test_zero_replicas() -> None:
     # Scaled to 0 mid-rollout: pods of both ReplicaSets are still going away.
     going = {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1}
     assert deployment_state(body(replicas=0, status=going)).rolling
-    # Created, not yet seen by the controller (no status at all).
-    assert deployment_state(body(replicas=0, generation=1, status={})).rolling
+    # Created, not yet seen by the controller (no status at all): it holds a slot.
+    assert deployment_state(body(replicas=0, generation=1, status={})).unobserved
 
 
 def test_spec_replicas_defaults_to_one() -> None:
@@ -102,17 +114,15 @@ def test_spec_replicas_defaults_to_one() -> None:
     assert not deployment_state(body(replicas=None, status=one)).rolling
 
 
-def test_pods_still_shutting_down_are_rolling() -> None:
-    """Replaced pods hold their pools until their processes exit; the controller no longer
-    counts them in `replicas`, only in `terminatingReplicas` (when its feature is on)."""
-    assert deployment_state(body(status=COMPLETE | {"terminatingReplicas": 1})).rolling
-    without_the_field = {k: v for k, v in COMPLETE.items() if k != "terminatingReplicas"}
-    assert not deployment_state(body(status=without_the_field)).rolling
+def test_pods_shutting_down_do_not_hold_a_finished_rollout() -> None:
+    """The status cannot tell a rollout's terminating pods from a scale-down's, and the
+    budget covers them per Deployment (terminatingPods: Counted)."""
+    assert not deployment_state(body(status=COMPLETE | {"terminatingReplicas": 2})).rolling
 
 
 def test_stalled_only_while_rolling() -> None:
     deadline = [progressing("ProgressDeadlineExceeded", status="False")]
-    stuck = COMPLETE | {"availableReplicas": 3, "conditions": deadline}
+    stuck = COMPLETE | {"replicas": 5, "updatedReplicas": 2, "conditions": deadline}
     assert deployment_state(body(status=stuck)).stalled
     # A Deployment that completed after all: the counts win over a stale condition.
     assert not deployment_state(body(status=COMPLETE | {"conditions": deadline})).stalled
@@ -154,28 +164,28 @@ def count(status: dict[str, Any], key: str) -> int:
 
 @settings(max_examples=2000, deadline=None)
 @given(bodies())
-def test_not_rolling_only_when_the_controller_calls_it_complete(deployment: dict[str, Any]) -> None:
-    """Each way a rollout can be unfinished keeps it rolling; not rolling means the
-    controller's DeploymentComplete holds and nothing is shutting down."""
+def test_finished_only_when_the_controller_says_so(deployment: dict[str, Any]) -> None:
+    """Old pods left always means mid-rollout (the old test is kept); not rolling means the
+    controller's DeploymentComplete holds, or it reported the last rollout complete and
+    has been scaling the new ReplicaSet since."""
     state = deployment_state(deployment)
     status = deployment["status"]
     replicas = deployment["spec"].get("replicas", 1)
-    if count(status, "observedGeneration") < deployment["metadata"]["generation"]:
-        assert state.rolling
-        assert state.unobserved
-    if count(status, "replicas") > count(status, "updatedReplicas"):  # the old test
-        assert state.rolling
-    if count(status, "availableReplicas") < count(status, "updatedReplicas"):
-        assert state.rolling
-    if count(status, "updatedReplicas") != replicas:
-        assert state.rolling
-    if count(status, "terminatingReplicas") > 0:
+    assert state.unobserved == (
+        count(status, "observedGeneration") < deployment["metadata"]["generation"]
+    )
+    if count(status, "replicas") > count(status, "updatedReplicas"):
         assert state.rolling
     if not state.rolling:
-        assert (
+        assert not state.stalled
+        counts_complete = (
             count(status, "updatedReplicas")
             == count(status, "replicas")
             == count(status, "availableReplicas")
             == replicas
         )
-        assert not state.stalled
+        progressing = [c for c in status.get("conditions", []) if c["type"] == "Progressing"]
+        reported = bool(progressing) and progressing[0] == {
+            "type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"
+        }  # fmt: skip
+        assert counts_complete or reported

@@ -130,9 +130,7 @@ class TargetAllocation(Frozen):
     # Its pods are being restarted onto new settings: the old ones still hold the old
     # (maybe larger) pools, as the rollout planned, so it is not judged over its allocation.
     # Rolling out is what pacing waits for (domain/observe.py): until the controller calls
-    # the rollout complete and the replaced pods have exited. Old pods as the controller
-    # counts them would be too short: it stops counting a pod when it starts terminating,
-    # and a terminating pod holds its pool until its process exits. The extra wait for new
+    # the rollout complete, a little after the old pods are gone. The extra wait for new
     # pods to become available costs nothing here: new pods hold the new, planned pools.
     rolling_out: bool = False
 

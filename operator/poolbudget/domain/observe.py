@@ -26,12 +26,12 @@ class DeploymentState:
     max_unavailable: int | str | None = None
     recreate: bool
     template_hash: str | None
-    # Mid-rollout: the Deployment controller has not called it complete yet, or pods it
-    # replaced are still shutting down (see deployment_state). Restart pacing counts these.
+    # Mid-rollout: the Deployment controller has not called its rollout finished (see
+    # deployment_state). Restart pacing counts these.
     rolling: bool
     # The controller has not yet observed the latest spec (generation also moves on
-    # metadata-only edits such as annotations). Implies `rolling`: counts written for an
-    # older generation say nothing about this one.
+    # metadata-only edits such as annotations, so this alone is not a rollout): holds a
+    # pacing slot, but is not reported as rolling.
     unobserved: bool
     stalled: bool
 
@@ -63,35 +63,33 @@ def deployment_state(body: Mapping[str, Any]) -> DeploymentState:
     replicas = int(spec.get("replicas", 1))
     generation = int(metadata.get("generation", 0))
     observed = int(status.get("observedGeneration", 0))
-    # Complete as the Deployment controller judges it (DeploymentComplete in its util
-    # package, which sets Progressing to NewReplicaSetAvailable; `kubectl rollout status`
-    # asks the same): it has seen the latest spec, every wanted pod runs the current
-    # template, no old pod is left, and every new pod is available (Ready for
-    # minReadySeconds). Old pods gone is not enough: with maxUnavailable >= 1 the last old
-    # pods go before the last new ones are available. The counts are read, not the
-    # Progressing reason: the controller rewrites the counts on every sync but the
-    # condition only on rollout syncs (not on scaling events), so the reason can lag.
-    # A scale-up in progress is incomplete too: its new pods connect as they start.
-    complete = (
-        observed >= generation
-        and int(status.get("updatedReplicas", 0)) == replicas
-        and int(status.get("replicas", 0)) == replicas
-        and int(status.get("availableReplicas", 0)) == replicas
+    updated = int(status.get("updatedReplicas", 0))
+    total = int(status.get("replicas", 0))
+    conditions = [_mapping(c) for c in status.get("conditions") or []]
+    progressing = next((c for c in conditions if c.get("type") == "Progressing"), {})
+    # Finished as the Deployment controller judges it, by either of its own signals, for
+    # the generation it last observed (a newer one holds a pacing slot as `unobserved`):
+    # - its DeploymentComplete (what `kubectl rollout status` asks too): every wanted pod
+    #   runs the current template and is available (Ready for minReadySeconds), no old pod
+    #   is left. Old pods gone is not enough: with maxUnavailable >= 1 the last old pods go
+    #   before the last new ones are available (issue 13).
+    # - Progressing=NewReplicaSetAvailable with no old pod left: the controller set it when
+    #   the last rollout completed and keeps it through later scaling of the new ReplicaSet
+    #   (a scale-up's unavailable pods are not a rollout: pacing does not wait for them,
+    #   and RolloutComplete does not flap with an HPA). It leaves it as a new ReplicaSet
+    #   is created or the rollout progresses with old pods present.
+    # Pods shutting down (status.terminatingReplicas) are not counted: the status cannot
+    # tell a rollout's from a scale-down's, and the budget covers them per Deployment
+    # (`terminatingPods: Counted`), so the next Deployment may start while they exit.
+    finished = (updated == replicas == total == int(status.get("availableReplicas", 0))) or (
+        progressing.get("reason") == "NewReplicaSetAvailable"
+        and progressing.get("status") == "True"
+        and total == updated
     )
-    # Pods shutting down (beta in 1.36, absent when the feature is off: then 0) are not in
-    # the counts above: the controller replaces a pod as soon as it starts terminating.
-    # They still hold their pools until their processes exit (README, "Pods that are
-    # shutting down"), so pacing waits for them too: the next Deployment's surge pods do
-    # not connect while this one's old pods still hold theirs. The status does not say
-    # which ReplicaSet they belong to, so a scale-down's are waited for as well; that wait
-    # ends with their grace period.
-    terminating = int(status.get("terminatingReplicas") or 0)
-    rolling = not complete or terminating > 0
-    stalled = any(
-        _mapping(c).get("type") == "Progressing"
-        and _mapping(c).get("status") == "False"
-        and _mapping(c).get("reason") == "ProgressDeadlineExceeded"
-        for c in status.get("conditions") or []
+    rolling = not finished
+    stalled = (
+        progressing.get("status") == "False"
+        and progressing.get("reason") == "ProgressDeadlineExceeded"
     )
     raw_hash = annotations.get(ANNOTATION_CONFIG_HASH)
     return DeploymentState(

@@ -13,8 +13,8 @@ The rules, in the order they are applied:
 * At most ``maxConcurrent`` Deployments of a budget are rolling at once (rollouts already
   in progress count), and a Deployment is not restarted again within
   ``minIntervalSeconds`` of its last restart by this operator. A rollout lasts until the
-  Deployment controller calls it complete (every new pod available, no old pod left) and
-  the pods it replaced have exited: old pods gone is not the end of it.
+  Deployment controller calls it complete (every new pod available, no old pod left):
+  old pods gone is not the end of it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from poolbudget.domain.facts import Frozen
 from poolbudget.domain.reasons import SkipReason
 
 # When a rollout is over, for the messages that wait on one.
-ROLLOUT_DONE_WHEN = "every new pod available, every old pod exited"
+ROLLOUT_DONE_WHEN = "every new pod available, no old pod left"
 
 
 class TargetState(Frozen):
@@ -42,13 +42,13 @@ class TargetState(Frozen):
     configmap_per_worker: int | None = None  # pool_size + max_overflow it holds now
     deployment_exists: bool = True
     template_hash: str | None = None  # poolbudget.dev/config-hash on the pod template
-    # A rollout of this Deployment is in progress: not complete by the Deployment
-    # controller's definition (new pods not all available, old pods left), or replaced
-    # pods still shutting down (domain/observe.py).
+    # A rollout of this Deployment is in progress: not finished by the Deployment
+    # controller's definition (old pods left, or new pods not all available yet:
+    # domain/observe.py).
     rolling: bool = False
     # A spec change the Deployment controller has not observed yet (maybe the start of a
-    # rollout): holds a restart slot so maxConcurrent is never exceeded (the cluster's
-    # view sets `rolling` with it: observe.py).
+    # rollout): holds a restart slot so maxConcurrent is never exceeded, but is not
+    # reported as rolling.
     unobserved: bool = False
     stalled: bool = False  # ... and the Deployment controller gave up on it
     last_restart: datetime | None = None  # when this operator last restarted it

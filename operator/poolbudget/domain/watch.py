@@ -90,7 +90,7 @@ def health_observation(
     if rolling:  # their old pods hold the old pools, as the rollout planned
         allocations = (
             f"every target within its allocation but {', '.join(rolling)}, rolling out "
-            "(not judged until its rollout is complete and its old pods have exited)"
+            "(not judged until its rollout is complete)"
         )
     summary = (
         f"{usage.in_use} of {usage.usable} usable connections in use, "
