@@ -35,16 +35,28 @@ def app_image() -> str:
     return ImageBuilder().pause().ref
 
 
-def deployment(name: str, replicas: int, *, surge: str | int = "25%") -> str:
-    unavailable = 1 if surge == 0 else 0  # Kubernetes forbids both being 0
+def deployment(
+    name: str,
+    replicas: int,
+    *,
+    surge: str | int = "25%",
+    unavailable: str | int | None = None,
+    min_ready_seconds: int = 0,
+) -> str:
+    """The pause image under a RollingUpdate strategy. `unavailable` None: 0, or 1 when
+    `surge` is 0 (Kubernetes forbids both being 0). A new pod counts as available
+    `min_ready_seconds` after the kubelet reports it Ready."""
+    if unavailable is None:
+        unavailable = 1 if surge == 0 else 0
     return textwrap.dedent(f"""\
         apiVersion: apps/v1
         kind: Deployment
         metadata: {{name: {name}}}
         spec:
           replicas: {replicas}
+          minReadySeconds: {min_ready_seconds}
           selector: {{matchLabels: {{app: {name}}}}}
-          strategy: {{type: RollingUpdate, rollingUpdate: {{maxSurge: {json.dumps(surge)}, maxUnavailable: {unavailable}}}}}
+          strategy: {{type: RollingUpdate, rollingUpdate: {{maxSurge: {json.dumps(surge)}, maxUnavailable: {json.dumps(unavailable)}}}}}
           template:
             metadata: {{labels: {{app: {name}}}}}
             spec:
