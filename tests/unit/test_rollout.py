@@ -91,6 +91,13 @@ def test_shrinking_pools_roll_before_growing_ones_are_even_written() -> None:
     second = plan_rollout([growing, rolling], RolloutPolicy(max_concurrent=5), NOW)
     assert not second.action("jobs").write_configmap
 
+    # api's restart is patched but not yet observed by the Deployment controller (its
+    # status still shows the last rollout finished): jobs still waits.
+    unobserved = rolling.model_copy(update={"rolling": False, "unobserved": True})
+    early = plan_rollout([growing, unobserved], RolloutPolicy(max_concurrent=5), NOW)
+    assert not early.action("jobs").write_configmap
+    assert not early.action("jobs").restart
+
     # api's rollout finished: now jobs grows.
     done = rolling.model_copy(update={"rolling": False})
     third = plan_rollout([growing, done], RolloutPolicy(max_concurrent=5), NOW)

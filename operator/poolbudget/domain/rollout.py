@@ -103,7 +103,12 @@ def _settled(target: TargetState, policy: RolloutPolicy) -> bool:
         return False
     if not target.deployment_exists or not policy.restarts_enabled:
         return True
-    return target.template_hash == target.desired_hash and not target.rolling
+    # Unobserved: the template carries the hash, but the Deployment controller has not
+    # seen it yet, so its rollout has not even shown as one (a grower written now would
+    # run its big pool beside the old pods of this shrinker).
+    return (
+        target.template_hash == target.desired_hash and not target.rolling and not target.unobserved
+    )
 
 
 def _applied_phase(target: TargetState, policy: RolloutPolicy) -> tuple[TargetPhase, str]:
