@@ -150,10 +150,13 @@ class TimelineSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.timeline.sample(self.server)
-            except Exception as error:  # recorded for the caller to show
-                self.errors.append(f"{time.monotonic() - self.timeline.started:.1f} s: {error}")
+            self._sample()
+
+    def _sample(self) -> None:
+        try:
+            self.timeline.sample(self.server)
+        except Exception as error:  # recorded for the caller to show
+            self.errors.append(f"{time.monotonic() - self.timeline.started:.1f} s: {error}")
 
     def __enter__(self) -> TimelineSampler:
         self._thread.start()
@@ -163,6 +166,10 @@ class TimelineSampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        # One last sample as the block ends: the timeline covers all of it, also when the
+        # block's last step took less than one interval (a CI run's ended 0.15 s before
+        # its last mark, and the test asking for a sample after it failed).
+        self._sample()
 
 
 def http_json(url: str, *, method: str = "GET", timeout: float = 10.0) -> Any:

@@ -561,6 +561,18 @@ class Reconciler:
         for event in aggregate(notes):
             try:
                 await self.kube.post_event(ref, event.type, event.reason, event.message)
+            except KubeError as exc:
+                if not (best_effort or _refused(exc)):
+                    raise
+                # Refused (the namespace is being deleted, an Event quota): the status
+                # still tells it; the reconcile goes on.
+                logger.warning(
+                    "%s/%s: the %s event was not posted: %s",
+                    ref.namespace,
+                    ref.name,
+                    event.reason,
+                    _refusal(exc) if _refused(exc) else exc,
+                )
             except Exception:
                 if not best_effort:
                     raise
