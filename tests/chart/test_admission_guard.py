@@ -234,7 +234,12 @@ def test_what_the_budget_absorbs_passes_what_it_cannot_warns_then_is_denied(
     assert labels["app.kubernetes.io/managed-by"] == "poolbudget-operator"
 
     guard("Warn", ns.namespace)
+    # Two policies, each with its binding, loaded by the API server one by one: wait for
+    # both (a full run once patched the HPA before its policy was enforced).
     wait_until_enforced(ns, "scale", "deployment", "api", "--replicas=12", deny=False)
+    wait_until_enforced(
+        ns, "patch", "hpa", "api", "--type=merge", "-p", '{"spec":{"maxReplicas":20}}', deny=False
+    )
 
     # Absorbed: up to the limit, silently (the operator re-budgets as always).
     absorbed = ns.kubectl("scale", "deployment", "api", "--replicas=7")
@@ -263,6 +268,9 @@ def test_what_the_budget_absorbs_passes_what_it_cannot_warns_then_is_denied(
     # Deny: rejected, nothing changes; what fits still passes.
     guard("Deny", ns.namespace)
     wait_until_enforced(ns, "scale", "deployment", "api", "--replicas=12", deny=True)
+    wait_until_enforced(
+        ns, "patch", "hpa", "api", "--type=merge", "-p", '{"spec":{"maxReplicas":20}}', deny=True
+    )
     denied = ns.kubectl("scale", "deployment", "api", "--replicas=12", check=False)
     assert denied.returncode != 0
     assert "denied request" in denied.stderr
