@@ -141,24 +141,24 @@ class BudgetMemory:
     status_refused: bool = False  # the last status write was refused (logged once)
 
     @property
-    def last_status(self) -> dict[str, Any] | None:
+    def last_status(self) -> PoolBudgetStatus | None:
         """The status this process last decided, with the generation it was for: the
         object Kopf hands us may not show our own patch yet, and fields like
         restartedTime must not be lost to that race."""
         return _decoded(self._last_status)
 
     @last_status.setter
-    def last_status(self, status: Mapping[str, Any] | None) -> None:
+    def last_status(self, status: PoolBudgetStatus | None) -> None:
         self._last_status = _encoded(status)
 
     @property
-    def written_status(self) -> dict[str, Any] | None:
+    def written_status(self) -> PoolBudgetStatus | None:
         """The status as last written to the API server (last_status may be newer: see
         Reconciler._held_for), None until this process writes one."""
         return _decoded(self._written_status)
 
     @written_status.setter
-    def written_status(self, status: Mapping[str, Any] | None) -> None:
+    def written_status(self, status: PoolBudgetStatus | None) -> None:
         encoded = _encoded(status)
         # Usually the status just remembered: keep one copy of it.
         self._written_status = self._last_status if encoded == self._last_status else encoded
@@ -170,15 +170,14 @@ class BudgetMemory:
         return self._last_status is not None and self._written_status is not None
 
 
-def _encoded(status: Mapping[str, Any] | None) -> bytes | None:
-    return None if status is None else json.dumps(status, separators=(",", ":")).encode()
-
-
-def _decoded(encoded: bytes | None) -> dict[str, Any] | None:
-    if encoded is None:
+def _encoded(status: PoolBudgetStatus | None) -> bytes | None:
+    if status is None:
         return None
-    status: dict[str, Any] = json.loads(encoded)
-    return status
+    return json.dumps(status.to_body(), separators=(",", ":")).encode()
+
+
+def _decoded(encoded: bytes | None) -> PoolBudgetStatus | None:
+    return None if encoded is None else PoolBudgetStatus.model_validate(json.loads(encoded))
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,7 @@ class StatusHold:
 @dataclass(frozen=True)
 class ReconcileResult:
     next_check_seconds: float | None
-    status: dict[str, Any]  # what this round decided, written or held
+    status: PoolBudgetStatus  # what this round decided, written or held
 
 
 VOLATILE_DATABASE_FIELDS = ("connectionsInUse", "observedTime")
@@ -503,7 +502,11 @@ class Reconciler:
             metrics.forget_watch(budget.namespace, budget.name)
 
     async def _write_status(
-        self, budget: BudgetObject, status: dict[str, Any], memory: BudgetMemory, outcome: str
+        self,
+        budget: BudgetObject,
+        status: PoolBudgetStatus,
+        memory: BudgetMemory,
+        outcome: str,
     ) -> None:
         memory.status_hold = None
         recorded = memory.written_status
@@ -511,9 +514,7 @@ class Reconciler:
         if not changed:
             return
         try:
-            await self.kube.patch_budget_status(
-                budget.namespace, budget.name, PoolBudgetStatus.model_validate(status)
-            )
+            await self.kube.patch_budget_status(budget.namespace, budget.name, status)
         except KubeError as exc:
             if not _refused(exc):
                 raise
@@ -538,11 +539,11 @@ class Reconciler:
             budget.namespace,
             budget.name,
             outcome,
-            "; ".join(f"{c['type']}={c['status']} ({c['reason']})" for c in status["conditions"]),
+            "; ".join(f"{c.type}={c.status.value} ({c.reason})" for c in status.conditions or ()),
             ", ".join(changed),
         )
 
-    def _held_for(self, hold: StatusHold | None, status: Mapping[str, Any]) -> float | None:
+    def _held_for(self, hold: StatusHold | None, status: PoolBudgetStatus) -> float | None:
         """Seconds the status write is still held (None: write now): until the hold has
         settled, then while a target is rolling out or waiting its turn, until it gives up."""
         if hold is None:
@@ -550,7 +551,7 @@ class Reconciler:
         moment = self.monotonic()
         if moment < hold.settled:
             return hold.settled - moment
-        rolling = any(entry.get("state") in IN_FLIGHT for entry in status.get("allocations") or [])
+        rolling = any(entry.state in IN_FLIGHT for entry in status.allocations or ())
         if rolling and moment < hold.give_up:
             return hold.give_up - moment
         return None
@@ -607,9 +608,10 @@ class Reconciler:
                 metrics.POOL_SIZE.labels(**target).set(allocation.pool_size)
                 metrics.MAX_OVERFLOW.labels(**target).set(allocation.max_overflow)
                 metrics.TARGET_PEAK.labels(**target).set(allocation.peak_connections)
-        database = decision.status.get("database") or {}
-        if decision.outcome is Outcome.OK and "connectionsInUse" in database:
-            metrics.CONNECTIONS_IN_USE.labels(**labels).set(database["connectionsInUse"])
+        database = decision.status.database
+        in_use = None if database is None else database.connections_in_use
+        if decision.outcome is Outcome.OK and in_use is not None:
+            metrics.CONNECTIONS_IN_USE.labels(**labels).set(in_use)
         usage = decision.watch.usage
         if decision.watch_judged and usage is not None:
             metrics.UNBUDGETED.labels(**labels).set(usage.unbudgeted_connections)
@@ -646,9 +648,13 @@ class _Unavailable(Exception):
         return cls(Reason.DATABASE_ERROR, f"database probe failed ({type(exc).__name__})")
 
 
-def _previous(budget: BudgetObject, memory: BudgetMemory) -> dict[str, Any]:
+def _previous(budget: BudgetObject, memory: BudgetMemory) -> PoolBudgetStatus:
+    """The status to build on: the one this process last decided, else the PoolBudget's
+    own, read leniently (api/status.py) once here."""
     remembered = memory.last_status  # decoded once
-    return dict(remembered if remembered is not None else budget.status)
+    if remembered is not None:
+        return remembered
+    return PoolBudgetStatus.model_validate(budget.status)
 
 
 def _refused(exc: KubeError) -> bool:
@@ -661,11 +667,19 @@ def _refusal(exc: KubeError) -> str:
     return f"{exc.status} {exc.api_reason or ''} {exc.api_message or ''}".strip()
 
 
-def status_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+def status_changes(
+    before: PoolBudgetStatus | Mapping[str, Any], after: PoolBudgetStatus
+) -> list[str]:
     """What differs, as field paths (`allocations[api].state`, `conditions[Ready]`), ignoring
     what changes without anything happening. Empty: nothing to write. The log line of each
-    status write names them, so write churn can be traced to its cause."""
-    old, new = _comparable(before), _comparable(after)
+    status write names them, so write churn can be traced to its cause.
+
+    Compared as the JSON the API server holds (`to_body()`). `before` may be that JSON as
+    read from the PoolBudget, unparsed: what this version cannot represent (an entry an
+    older operator wrote with a value it no longer knows) then differs, and is replaced."""
+    if isinstance(before, PoolBudgetStatus):
+        before = before.to_body()
+    old, new = _comparable(before), _comparable(after.to_body())
     changes: list[str] = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):

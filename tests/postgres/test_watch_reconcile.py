@@ -13,12 +13,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from poolbudget.adapters.postgres import DatabaseProbe
+from poolbudget.api.status import (
+    Allocation,
+    Condition,
+    ConditionStatus,
+    LiveConnections,
+    PoolBudgetStatus,
+    Visibility,
+)
 from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.observe import DeploymentState
 from poolbudget.reconcile import BudgetMemory, BudgetObject, Reconciler
@@ -39,7 +46,7 @@ class Operator:
         self.kube = FakeKube(secrets={"shop-db": dsn})
         self.memory = BudgetMemory()
         self.time = 1000.0
-        self.status: dict[str, Any] = {}
+        self.status = PoolBudgetStatus()
         self.stack = stack
         # The hash on api's pod template: the one the operator restarted it with, as if the
         # rollout finished at once (a target still rolling out is not judged).
@@ -61,16 +68,28 @@ class Operator:
             "targets": [{"deploymentName": "api", "maxPoolSize": 1, "maxOverflow": 0}],
         }
         budget = BudgetObject(namespace="shop", name="shop", uid="u1", generation=1,
-                              created="2026-01-01T00:00:00Z", spec=spec, status=self.status)  # fmt: skip
+                              created="2026-01-01T00:00:00Z", spec=spec, status=self.status.to_body())  # fmt: skip
         api = DeploymentState(name="api", replicas=1, max_surge=None, recreate=False,
                               template_hash=self.template_hash, rolling=False, unobserved=False,
                               stalled=False)  # fmt: skip
         observed = Observed(deployments={("shop", "api"): api}, hpa_max_replicas={}, claims={})
         self.status = (await self.reconciler.reconcile(budget, observed, self.memory)).status
-        self.template_hash = self.status["allocations"][0].get("configHash")
+        self.template_hash = self.api().config_hash
 
-    def healthy(self) -> dict[str, Any]:
-        return next(c for c in self.status["conditions"] if c["type"] == "DatabaseHealthy")
+    def api(self) -> Allocation:
+        found = self.status.allocation("api")
+        assert found is not None
+        return found
+
+    def live(self) -> LiveConnections:
+        live = self.api().live_connections
+        assert live is not None
+        return live
+
+    def healthy(self) -> Condition:
+        found = self.status.condition("DatabaseHealthy")
+        assert found is not None
+        return found
 
     def events(self, prefix: str) -> list[tuple[str, str, str]]:
         return [e for e in self.kube.events if e[1].startswith(prefix)]
@@ -107,9 +126,10 @@ async def test_an_application_over_its_allocation_is_named_then_cleared(
         server.sql("GRANT pg_monitor TO watch_watcher")
     operator = Operator(dsn, stack)
     await operator.refresh()
-    assert operator.healthy()["reason"] == "WithinThresholds"
-    peak = operator.status["allocations"][0]["peakConnections"]
-    assert operator.status["allocations"][0]["liveConnections"]["total"] == 0
+    assert operator.healthy().reason == "WithinThresholds"
+    peak = operator.api().peak_connections
+    assert peak is not None
+    assert operator.live().total == 0
 
     app_url = server.dsn("watch_app", APP_PASSWORD, "shop").replace(
         "postgresql://", "postgresql+asyncpg://"
@@ -117,30 +137,32 @@ async def test_an_application_over_its_allocation_is_named_then_cleared(
     engine, held = await hold(stack, app_url, "api", peak + 2)
     await operator.refresh()
     healthy = operator.healthy()
-    assert (healthy["status"], healthy["reason"]) == ("False", "OverAllocation")
-    assert f"Deployment api holds {peak + 2} connections" in healthy["message"]
-    assert f"2 over its allocation of {peak}" in healthy["message"]
+    assert (healthy.status, healthy.reason) == (ConditionStatus.FALSE, "OverAllocation")
+    assert f"Deployment api holds {peak + 2} connections" in healthy.message
+    assert f"2 over its allocation of {peak}" in healthy.message
     assert [e[:2] for e in operator.events("OverAllocation")] == [("Warning", "OverAllocation")]
-    live = operator.status["allocations"][0]["liveConnections"]
-    activity = operator.status["activity"]
-    assert live["total"] == peak + 2
-    assert activity["operatorConnections"] == 1
-    assert activity["connectionsInUse"] == peak + 3
+    live = operator.live()
+    activity = operator.status.activity
+    assert activity is not None
+    assert live.total == peak + 2
+    assert activity.operator_connections == 1
+    assert activity.connections_in_use == peak + 3
     if observer == "pg_monitor":
-        assert (live["idle"], live["unknown"], activity["visibility"]) == (peak + 2, 0, "Full")
+        assert (live.idle, live.unknown, activity.visibility) == (peak + 2, 0, Visibility.FULL)
     else:  # another role's sessions: counted, their state hidden
-        assert (live["idle"], live["unknown"], activity["visibility"]) == (0, peak + 2, "Partial")
-        assert "grant pg_monitor" in healthy["message"]
-    assert operator.status["conditions"][0]["type"] == "Ready"
+        assert (live.idle, live.unknown, activity.visibility) == (0, peak + 2, Visibility.PARTIAL)
+        assert "grant pg_monitor" in healthy.message
+    assert operator.status.conditions is not None
+    assert operator.status.conditions[0].type == "Ready"
     assert operator.kube.configmaps["api-db-pool"].data["DB_POOL_SIZE"] == "1"
 
     for connection in held:
         await connection.close()  # back to the pool, which keeps them open ...
     await engine.dispose()  # ... until the application shuts it down
     for _ in range(3):
-        assert operator.healthy()["status"] == "False"
+        assert operator.healthy().status is ConditionStatus.FALSE
         await operator.refresh()
-    assert operator.healthy()["status"] == "True"
+    assert operator.healthy().status is ConditionStatus.TRUE
     assert [e[:2] for e in operator.events("OverAllocation")] == [
         ("Warning", "OverAllocation"),
         ("Normal", "OverAllocationCleared"),

@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
+from poolbudget.api.status import ConditionStatus
 from poolbudget.domain.conditions import (
     ConditionType,
     Observation,
@@ -18,18 +19,18 @@ def obs(kind: ConditionType, status: bool | None, reason: str = "R") -> Observat
 
 def test_transition_time_changes_only_on_flip() -> None:
     first = merge_conditions([], [obs(ConditionType.BUDGET_FEASIBLE, True)], 1, T0)
-    assert first[0]["lastTransitionTime"] == "2026-11-24T12:00:00Z"
+    assert first[0].last_transition_time == "2026-11-24T12:00:00Z"
     same = merge_conditions(
         first, [obs(ConditionType.BUDGET_FEASIBLE, True, "Other")], 2, T0 + timedelta(minutes=5)
     )
-    assert same[0]["lastTransitionTime"] == "2026-11-24T12:00:00Z"
-    assert same[0]["reason"] == "Other"
-    assert same[0]["observedGeneration"] == 2
+    assert same[0].last_transition_time == "2026-11-24T12:00:00Z"
+    assert same[0].reason == "Other"
+    assert same[0].observed_generation == 2
     flipped = merge_conditions(
         same, [obs(ConditionType.BUDGET_FEASIBLE, False)], 2, T0 + timedelta(minutes=9)
     )
-    assert flipped[0]["lastTransitionTime"] == "2026-11-24T12:09:00Z"
-    assert flipped[0]["status"] == "False"
+    assert flipped[0].last_transition_time == "2026-11-24T12:09:00Z"
+    assert flipped[0].status is ConditionStatus.FALSE
 
 
 def test_unobserved_conditions_are_kept_and_order_is_stable() -> None:
@@ -40,8 +41,8 @@ def test_unobserved_conditions_are_kept_and_order_is_stable() -> None:
         T0,
     )
     after = merge_conditions(before, [obs(ConditionType.READY, None)], 1, T0)
-    assert [c["type"] for c in after] == ["Ready", "DatabaseObserved", "RolloutComplete"]
-    assert after[0]["status"] == "Unknown"
+    assert [c.type for c in after] == ["Ready", "DatabaseObserved", "RolloutComplete"]
+    assert after[0].status is ConditionStatus.UNKNOWN
 
 
 def test_ready_summarises_the_first_failure() -> None:

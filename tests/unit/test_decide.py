@@ -12,6 +12,14 @@ from typing import Any
 
 import pytest
 
+from poolbudget.api.status import (
+    Allocation,
+    AllocationState,
+    Condition,
+    ConditionStatus,
+    PlanVerdict,
+    PoolBudgetStatus,
+)
 from poolbudget.api.v1alpha1 import PoolBudgetSpec
 from poolbudget.domain.decide import (
     BudgetRef,
@@ -87,7 +95,7 @@ def inputs(budget_spec: PoolBudgetSpec | InvalidSpec, **changes: Any) -> Inputs:
         database=DATABASE,
         database_failures=0,
         targets=targets,
-        previous={},
+        previous=PoolBudgetStatus(),
         template_hash_seen={},
         watch=WatchMemory(),
         seconds_until_refresh=60.0,
@@ -96,14 +104,21 @@ def inputs(budget_spec: PoolBudgetSpec | InvalidSpec, **changes: Any) -> Inputs:
     return replace(base, **changes)
 
 
-def condition(decision: Decision | dict[str, Any], kind: str) -> dict[str, Any]:
+def condition(decision: Decision | PoolBudgetStatus, kind: str) -> Condition:
     status = decision.status if isinstance(decision, Decision) else decision
-    found: dict[str, Any] = next(c for c in status["conditions"] if c["type"] == kind)
+    found = status.condition(kind)
+    assert found is not None, f"no {kind} condition"
     return found
 
 
-def states(decision: Decision) -> dict[str, str]:
-    return {a["deploymentName"]: a["state"] for a in decision.status["allocations"]}
+def states(decision: Decision) -> dict[str, AllocationState | None]:
+    return {a.deployment_name: a.state for a in decision.status.allocations or ()}
+
+
+def allocation(decision: Decision, name: str = "api") -> Allocation:
+    found = decision.status.allocation(name)
+    assert found is not None, f"no allocation for {name}"
+    return found
 
 
 def rolled_out(first: Decision, round_inputs: Inputs) -> Inputs:
@@ -134,8 +149,8 @@ def test_an_invalid_spec_writes_nothing_and_says_why() -> None:
     decision = decide(inputs(InvalidSpec(message="spec.targets: field required"), database=None))
     assert (decision.outcome, decision.writes, decision.restarts) == (Outcome.INVALID, (), ())
     ready = condition(decision, "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", Reason.INVALID_SPEC)
-    assert "spec.targets: field required" in ready["message"]
+    assert (ready.status, ready.reason) == (ConditionStatus.FALSE, Reason.INVALID_SPEC)
+    assert "spec.targets: field required" in ready.message
     assert decision.error is Reason.INVALID_SPEC
 
 
@@ -143,8 +158,8 @@ def test_a_first_round_writes_the_configmap_and_restarts() -> None:
     decision = decide(inputs(spec("api")))
     assert [w.name for w in decision.writes] == ["api-db-pool"]
     assert [r.deployment for r in decision.restarts] == ["api"]
-    assert decision.restarts[0].config_hash == decision.status["allocations"][0]["configHash"]
-    assert states(decision) == {"api": "Rolling"}
+    assert decision.restarts[0].config_hash == allocation(decision).config_hash
+    assert states(decision) == {"api": AllocationState.ROLLING}
     assert decision.next_check_seconds == 1.0  # confirm the level after writing
     assert [n.reason for n in decision.writes[0].notes] == [Reason.CONFIGMAP_UPDATED]
     assert [n.reason for n in decision.restarts[0].notes] == [Reason.ROLLOUT_RESTARTED]
@@ -154,9 +169,9 @@ def test_a_settled_budget_writes_nothing_and_counts_the_skip_as_unchanged() -> N
     first_inputs = inputs(spec("api"))
     second = decide(rolled_out(decide(first_inputs), first_inputs))
     assert (second.writes, second.restarts, second.notes) == ((), (), ())
-    assert states(second) == {"api": "Applied"}
+    assert states(second) == {"api": AllocationState.APPLIED}
     assert second.skipped == {"api": SkipReason.UNCHANGED}
-    assert condition(second, "Ready")["status"] == "True"
+    assert condition(second, "Ready").status is ConditionStatus.TRUE
     assert second.next_check_seconds == 60.0
 
 
@@ -179,16 +194,16 @@ def test_a_restart_not_made_says_why(
     round_inputs = replace(
         round_inputs,
         targets={"api": facts("api", template_hash="old", **target_changes)},
-        previous={
-            "allocations": [
-                {
-                    "deploymentName": "api",
-                    "restartedTime": previous_restart.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                }
-            ]
-        }
+        previous=PoolBudgetStatus(
+            allocations=(
+                Allocation(
+                    deployment_name="api",
+                    restarted_time=previous_restart.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                ),
+            )
+        )
         if previous_restart
-        else {},
+        else PoolBudgetStatus(),
     )
     decision = decide(round_inputs)
     assert decision.restarts == ()
@@ -199,7 +214,7 @@ def test_max_concurrent_lets_one_deployment_restart_at_a_time() -> None:
     decision = decide(inputs(spec("api", "web")))
     assert [r.deployment for r in decision.restarts] == ["api"]
     assert decision.skipped == {"web": SkipReason.MAX_CONCURRENT}
-    assert states(decision) == {"api": "Rolling", "web": "Pending"}
+    assert states(decision) == {"api": AllocationState.ROLLING, "web": AllocationState.PENDING}
 
 
 def test_a_deployment_claimed_by_an_older_budget_is_a_conflict_told_once() -> None:
@@ -210,8 +225,8 @@ def test_a_deployment_claimed_by_an_older_budget_is_a_conflict_told_once() -> No
     )
     first = decide(round_inputs)
     assert (first.writes, first.restarts) == ((), ())
-    assert states(first) == {"api": "Conflict"}
-    assert condition(first, "Ready")["reason"] == Reason.TARGET_CONFLICT
+    assert states(first) == {"api": AllocationState.CONFLICT}
+    assert condition(first, "Ready").reason == Reason.TARGET_CONFLICT
     assert [n.reason for n in first.notes] == [Reason.TARGET_CONFLICT]
     again = decide(replace(round_inputs, previous=first.status))
     assert again.notes == ()
@@ -223,7 +238,7 @@ def test_a_configmap_someone_else_wrote_is_never_overwritten() -> None:
         replace(inputs(spec("api")), targets={"api": facts("api", configmap=foreign)})
     )
     assert decision.writes == ()
-    assert states(decision) == {"api": "Conflict"}
+    assert states(decision) == {"api": AllocationState.CONFLICT}
 
 
 def test_a_configmap_left_by_a_deleted_budget_is_adopted() -> None:
@@ -248,12 +263,12 @@ def test_a_missing_deployment_gets_its_configmap_and_is_told_once() -> None:
     first = decide(round_inputs)
     assert [w.name for w in first.writes] == ["api-db-pool"]
     assert first.restarts == ()
-    assert states(first) == {"api": "Missing"}
-    assert condition(first, "Ready")["reason"] == Reason.ROLLOUT_PENDING  # being written
+    assert states(first) == {"api": AllocationState.MISSING}
+    assert condition(first, "Ready").reason == Reason.ROLLOUT_PENDING  # being written
     assert [n.reason for n in first.notes] == [Reason.DEPLOYMENT_NOT_FOUND]
     second = decide(rolled_out(first, round_inputs))
     assert second.notes == ()
-    assert condition(second, "Ready")["reason"] == Reason.DEPLOYMENT_NOT_FOUND
+    assert condition(second, "Ready").reason == Reason.DEPLOYMENT_NOT_FOUND
 
 
 def test_a_hash_another_writer_removed_is_restored_with_a_warning() -> None:
@@ -286,23 +301,25 @@ def test_a_database_failure_holds_the_plan_and_judges_targets_from_current_facts
     rollout finished. The state must follow the Deployment, not the last round."""
     first_inputs = inputs(spec("api"))
     first = decide(first_inputs)
-    assert states(first) == {"api": "Rolling"}
+    assert states(first) == {"api": AllocationState.ROLLING}
     settled = rolled_out(first, first_inputs)
     unavailable = DatabaseUnavailable(
         reason=Reason.DATABASE_UNREACHABLE, message="cannot connect to db:5432"
     )
     held = decide(replace(settled, database=unavailable, database_failures=1))
     assert (held.outcome, held.writes, held.restarts) == (Outcome.DATABASE_ERROR, (), ())
-    assert states(held) == {"api": "Applied"}
-    entry = held.status["allocations"][0]
-    assert entry["message"].endswith("held: DatabaseUnreachable")
-    assert entry["poolSize"] == first.status["allocations"][0]["poolSize"]
-    assert entry["configHash"] == first.status["allocations"][0]["configHash"]
-    assert condition(held, "RolloutComplete")["status"] == "True"
+    assert states(held) == {"api": AllocationState.APPLIED}
+    entry = allocation(held)
+    assert entry.message is not None
+    assert entry.message.endswith("held: DatabaseUnreachable")
+    assert entry.pool_size == allocation(first).pool_size
+    assert entry.config_hash == allocation(first).config_hash
+    assert condition(held, "RolloutComplete").status is ConditionStatus.TRUE
     ready = condition(held, "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", Reason.DATABASE_UNREACHABLE)
-    assert "connectionsInUse" not in held.status["database"]  # not observed this round
-    assert held.status["database"]["maxConnections"] == 100  # the limits the plan used
+    assert (ready.status, ready.reason) == (ConditionStatus.FALSE, Reason.DATABASE_UNREACHABLE)
+    assert held.status.database is not None
+    assert held.status.database.connections_in_use is None  # not observed this round
+    assert held.status.database.max_connections == 100  # the limits the plan used
     assert held.next_check_seconds == 5.0
     assert [n.reason for n in held.notes] == [Reason.DATABASE_UNREACHABLE]
     again = decide(
@@ -320,8 +337,8 @@ def test_a_held_target_still_rolling_says_so() -> None:
     rolling = replace(api, deployment=replace(api.deployment, rolling=True))
     unavailable = DatabaseUnavailable(reason=Reason.SECRET_NOT_FOUND, message="Secret db not found")
     held = decide(replace(settled, targets={"api": rolling}, database=unavailable))
-    assert states(held) == {"api": "Rolling"}
-    assert condition(held, "RolloutComplete")["reason"] == Reason.ROLLOUT_IN_PROGRESS
+    assert states(held) == {"api": AllocationState.ROLLING}
+    assert condition(held, "RolloutComplete").reason == Reason.ROLLOUT_IN_PROGRESS
 
 
 def test_an_infeasible_budget_holds_the_plan_and_reports_the_new_limits() -> None:
@@ -331,24 +348,27 @@ def test_an_infeasible_budget_holds_the_plan_and_reports_the_new_limits() -> Non
     tiny = DatabaseFacts(max_connections=4, superuser_reserved_connections=3)
     held = decide(replace(settled, database=tiny))
     assert (held.outcome, held.writes, held.restarts) == (Outcome.INFEASIBLE, (), ())
-    assert states(held) == {"api": "Applied"}
-    assert held.status["verdict"] == "Infeasible"
-    assert held.status["usableConnections"] < first.status["usableConnections"]
-    assert (
-        held.status["headroom"] == held.status["usableConnections"] - held.status["peakConnections"]
-    )
+    assert states(held) == {"api": AllocationState.APPLIED}
+    assert held.status.verdict is PlanVerdict.INFEASIBLE
+    usable, peak = held.status.usable_connections, held.status.peak_connections
+    assert usable is not None
+    assert peak is not None
+    assert first.status.usable_connections is not None
+    assert usable < first.status.usable_connections
+    assert held.status.headroom == usable - peak
     feasible = condition(held, "BudgetFeasible")
-    assert (feasible["status"], feasible["reason"]) == ("False", Reason.BUDGET_INFEASIBLE)
-    assert condition(held, "Ready")["reason"] == Reason.BUDGET_INFEASIBLE
+    assert (feasible.status, feasible.reason) == (ConditionStatus.FALSE, Reason.BUDGET_INFEASIBLE)
+    assert condition(held, "Ready").reason == Reason.BUDGET_INFEASIBLE
 
 
 def test_a_first_round_without_the_database_has_nothing_to_hold() -> None:
     unavailable = DatabaseUnavailable(reason=Reason.DATABASE_NOT_FOUND, message="no database shop")
     held = decide(inputs(spec("api"), database=unavailable, database_failures=1))
-    assert states(held) == {"api": "Pending"}
-    assert "no ConfigMap written yet" in held.status["allocations"][0]["message"]
-    assert condition(held, "Ready")["reason"] == Reason.DATABASE_NOT_FOUND
-    assert "database" not in held.status
+    assert states(held) == {"api": AllocationState.PENDING}
+    assert "no ConfigMap written yet" in (allocation(held).message or "")
+    assert condition(held, "Ready").reason == Reason.DATABASE_NOT_FOUND
+    assert held.status.database is None
+    assert "database" not in held.status.to_body()
 
 
 # --- refused writes ----------------------------------------------------------------------
@@ -357,15 +377,15 @@ def test_a_first_round_without_the_database_has_nothing_to_hold() -> None:
 def test_a_refused_write_becomes_ready_false_and_one_warning() -> None:
     decision = decide(inputs(spec("api")))
     refused = {"api": "ConfigMap api-db-pool: 403 Forbidden configmaps is forbidden"}
-    status, notes = with_refusals(decision, refused, {}, NOW)
-    assert states(replace(decision, status=status)) == {"api": "Pending"}
+    status, notes = with_refusals(decision, refused, PoolBudgetStatus(), NOW)
+    assert states(replace(decision, status=status)) == {"api": AllocationState.PENDING}
     ready = condition(status, "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", Reason.WRITE_REFUSED)
-    assert "403 Forbidden" in ready["message"]
+    assert (ready.status, ready.reason) == (ConditionStatus.FALSE, Reason.WRITE_REFUSED)
+    assert "403 Forbidden" in ready.message
     assert [n.reason for n in notes] == [Reason.WRITE_REFUSED]
     _, again = with_refusals(decision, refused, status, NOW)
     assert again == ()  # the same refusal is told once
-    assert with_refusals(decision, {}, {}, NOW) == (decision.status, ())
+    assert with_refusals(decision, {}, PoolBudgetStatus(), NOW) == (decision.status, ())
 
 
 # --- what the types refuse ---------------------------------------------------------------
@@ -378,4 +398,9 @@ def test_only_database_reasons_describe_an_unreadable_database() -> None:
 
 def test_a_decision_counts_only_documented_error_reasons() -> None:
     with pytest.raises(ValueError, match="documented error reasons"):
-        Decision(outcome=Outcome.OK, status={}, next_check_seconds=None, error=Reason.PROBED)
+        Decision(
+            outcome=Outcome.OK,
+            status=PoolBudgetStatus(),
+            next_check_seconds=None,
+            error=Reason.PROBED,
+        )

@@ -16,7 +16,15 @@ from prometheus_client import REGISTRY
 
 from poolbudget.adapters.kube import NotFoundError
 from poolbudget.adapters.postgres import DatabaseAuthError
-from poolbudget.api.status import PoolBudgetStatus
+from poolbudget.api.status import (
+    Allocation,
+    AllocationState,
+    Condition,
+    ConditionStatus,
+    DatabaseStatus,
+    PoolBudgetStatus,
+    Visibility,
+)
 from poolbudget.domain.activity import ActivityRow, DatabaseActivity, SessionState
 from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.facts import DatabaseFacts
@@ -139,7 +147,7 @@ class World:
     kube: FakeKube = field(default_factory=FakeKube)
     probers: list[FakeProber] = field(default_factory=list)
     time: float = 1000.0
-    status: dict[str, Any] = field(default_factory=dict)
+    status: PoolBudgetStatus = field(default_factory=PoolBudgetStatus)
     server_status: dict[str, Any] = field(default_factory=dict)  # as the API server has it
     # False: no status hold after restarts (every round's status is written at once).
     status_hold: bool = True
@@ -183,11 +191,18 @@ class World:
         for kind, name in self.kube.writes:
             if kind == "restart":
                 state = self.deployments[("shop", name)]
-                entry = next(a for a in self.status["allocations"] if a["deploymentName"] == name)
-                self.deployments[("shop", name)] = replace(state, template_hash=entry["configHash"])
+                entry = self.allocation(name)
+                self.deployments[("shop", name)] = replace(state, template_hash=entry.config_hash)
 
-    def condition(self, kind: str) -> dict[str, Any]:
-        return next(c for c in self.status["conditions"] if c["type"] == kind)
+    def condition(self, kind: str) -> Condition:
+        found = self.status.condition(kind)
+        assert found is not None, f"no {kind} condition"
+        return found
+
+    def allocation(self, name: str = "api") -> Allocation:
+        found = self.status.allocation(name)
+        assert found is not None, f"no allocation for {name}"
+        return found
 
 
 async def test_first_reconcile_writes_restarts_and_then_nothing() -> None:
@@ -200,7 +215,7 @@ async def test_first_reconcile_writes_restarts_and_then_nothing() -> None:
     await world.reconcile()
     await world.reconcile()
     assert world.kube.writes == []  # a no-op reconcile writes nothing at all
-    assert world.condition("Ready")["status"] == "True"
+    assert world.condition("Ready").status is ConditionStatus.TRUE
 
 
 async def test_once_it_remembers_its_status_the_budget_copy_needs_none() -> None:
@@ -217,7 +232,7 @@ async def test_once_it_remembers_its_status_the_budget_copy_needs_none() -> None
     assert world.kube.writes == []
     assert world.status == world.memory.written_status
     kept = kept_body({"metadata": {"name": "shop", "managedFields": [{}]},
-                      "spec": world.spec, "status": world.status}, with_status=False)  # fmt: skip
+                      "spec": world.spec, "status": world.status.to_body()}, with_status=False)  # fmt: skip
     assert kept["status"] == {}
     assert kept["spec"] == world.spec
     assert kept["spec"] is not world.spec
@@ -329,8 +344,8 @@ async def test_database_failure_keeps_configmaps_and_warns_once() -> None:
         await world.reconcile()
     assert [w for w in world.kube.writes if w[0] in ("configmap", "restart")] == []
     assert world.kube.configmaps["api-db-pool"].data == good
-    assert world.condition("DatabaseObserved")["reason"] == "AuthenticationFailed"
-    assert world.condition("Ready")["status"] == "False"
+    assert world.condition("DatabaseObserved").reason == "AuthenticationFailed"
+    assert world.condition("Ready").status is ConditionStatus.FALSE
     assert [e[1] for e in world.kube.events if e[0] == "Warning"] == ["AuthenticationFailed"]
 
 
@@ -338,7 +353,7 @@ async def test_a_dsn_in_an_unexpected_error_never_leaks() -> None:
     world = World()
     world.probers.append(FakeProber(DSN, result=RuntimeError(f"boom while using {DSN}")))
     await world.reconcile()
-    assert world.condition("DatabaseObserved")["reason"] == "DatabaseError"
+    assert world.condition("DatabaseObserved").reason == "DatabaseError"
     assert "hunter2" not in repr(world.status)
     assert "hunter2" not in repr(world.kube.events)
 
@@ -347,7 +362,7 @@ async def test_missing_secret_is_reported() -> None:
     world = World()
     world.kube.secrets.clear()
     await world.reconcile()
-    assert world.condition("DatabaseObserved")["reason"] == "SecretNotFound"
+    assert world.condition("DatabaseObserved").reason == "SecretNotFound"
     assert world.kube.configmaps == {}
 
 
@@ -361,8 +376,8 @@ async def test_infeasible_budget_writes_only_status_and_one_event() -> None:
     await world.reconcile()
     assert world.kube.configmaps["api-db-pool"].data == good
     assert [w[0] for w in world.kube.writes] == ["event", "status"]
-    assert world.condition("BudgetFeasible")["reason"] == "BudgetInfeasible"
-    assert "short by" in world.condition("BudgetFeasible")["message"]
+    assert world.condition("BudgetFeasible").reason == "BudgetInfeasible"
+    assert "short by" in world.condition("BudgetFeasible").message
 
 
 async def test_a_foreign_key_in_a_managed_configmap_is_left_alone_and_writes_nothing() -> None:
@@ -425,10 +440,10 @@ async def test_a_failed_reconcile_turns_ready_false_once_and_says_only_the_error
     world = World()
     for _ in range(2):
         await world.reconcile()
-    assert world.condition("Ready")["status"] == "True"
+    assert world.condition("Ready").status is ConditionStatus.TRUE
     reconciler = Reconciler(kube=world.kube, prober_factory=world.prober, clock=lambda: NOW)
     budget = BudgetObject(namespace="shop", name="shop", uid="u1", generation=2,
-                          created="2026-01-01T00:00:00Z", spec=world.spec, status=world.status)  # fmt: skip
+                          created="2026-01-01T00:00:00Z", spec=world.spec, status=world.status.to_body())  # fmt: skip
     world.kube.events.clear()
     for _ in range(3):  # the loop retries every 10 s; one event, not one per round
         await reconciler.report_failure(budget, world.memory, ValueError(DSN))
@@ -456,7 +471,7 @@ async def test_a_configmap_left_by_a_deleted_budget_is_adopted_with_one_event() 
     adopted = [e for e in world.kube.events if e[1] == "ConfigMapAdopted"]
     assert len(adopted) == 1
     assert "PoolBudget old, which no longer exists" in adopted[0][2]
-    assert world.condition("Ready")["status"] == "True"
+    assert world.condition("Ready").status is ConditionStatus.TRUE
 
 
 async def test_a_configmap_of_a_budget_that_still_exists_stays_a_conflict() -> None:
@@ -465,7 +480,7 @@ async def test_a_configmap_of_a_budget_that_still_exists_stays_a_conflict() -> N
     world.kube.configmaps["api-db-pool"] = FakeConfigMap({"DB_POOL_SIZE": "3"}, dict(LEFT_BEHIND))
     await world.reconcile()
     assert world.kube.configmaps["api-db-pool"].labels["poolbudget.dev/budget"] == "old"
-    assert world.condition("Ready")["reason"] == "TargetConflict"
+    assert world.condition("Ready").reason == "TargetConflict"
 
 
 async def test_a_configmap_someone_else_owns_is_never_overwritten() -> None:
@@ -474,8 +489,8 @@ async def test_a_configmap_someone_else_owns_is_never_overwritten() -> None:
     await world.reconcile()
     assert world.kube.configmaps["api-db-pool"].data == {"mine": "yes"}
     assert ("restart", "api") not in world.kube.writes
-    assert world.condition("Ready")["reason"] == "TargetConflict"
-    assert world.status["allocations"][0]["state"] == "Conflict"
+    assert world.condition("Ready").reason == "TargetConflict"
+    assert world.allocation().state is AllocationState.CONFLICT
 
 
 @pytest.mark.parametrize("strategy", ["None"])
@@ -486,42 +501,52 @@ async def test_rollout_strategy_none_writes_configmaps_only(strategy: str) -> No
     await world.reconcile()
     assert ("configmap", "api-db-pool") in world.kube.writes
     assert not [w for w in world.kube.writes if w[0] == "restart"]
-    assert world.condition("RolloutComplete")["reason"] == "RestartsDisabled"
+    assert world.condition("RolloutComplete").reason == "RestartsDisabled"
 
 
 def test_status_changes_name_the_fields_and_ignore_volatile_ones() -> None:
-    database = {"maxConnections": 100, "connectionsInUse": 7, "observedTime": "t1"}
-    allocations = [
-        {"deploymentName": "api", "poolSize": 5, "state": "Rolling"},
-        {"deploymentName": "web", "poolSize": 2, "state": "Applied"},
-    ]
-    before: dict[str, Any] = {
-        "observedGeneration": 1,
-        "database": database,
-        "allocations": allocations,
-        "conditions": [{"type": "Ready", "status": "False", "reason": "RolloutInProgress"}],
-    }
+    database = DatabaseStatus(max_connections=100, connections_in_use=7, observed_time="t1")
+    allocations = (
+        Allocation(deployment_name="api", pool_size=5, state=AllocationState.ROLLING),
+        Allocation(deployment_name="web", pool_size=2, state=AllocationState.APPLIED),
+    )
+    not_ready = Condition(type="Ready", status=ConditionStatus.FALSE, reason="RolloutInProgress",
+                          message="", last_transition_time="2026-11-24T12:00:00Z")  # fmt: skip
+    before = PoolBudgetStatus(
+        observed_generation=1,
+        database=database,
+        allocations=allocations,
+        conditions=(not_ready,),
+    )
     # Only what changes without anything happening: nothing to write.
-    quiet = {
-        **before,
-        "database": {**database, "connectionsInUse": 9, "observedTime": "t2"},
-    }
+    quiet = before.model_copy(
+        update={
+            "database": database.model_copy(
+                update={"connections_in_use": 9, "observed_time": "t2"}
+            ),
+        }
+    )
     assert status_changes(before, quiet) == []
-    after = {
-        **before,
-        "allocations": [
-            {"deploymentName": "api", "poolSize": 5, "state": "Applied"},
-            {"deploymentName": "web", "poolSize": 2, "state": "Applied"},
-        ],
-        "conditions": [{"type": "Ready", "status": "True", "reason": "BudgetApplied"}],
-        "headroom": 3,
-    }
+    after = before.model_copy(
+        update={
+            "allocations": (
+                allocations[0].model_copy(update={"state": AllocationState.APPLIED}),
+                allocations[1],
+            ),
+            "conditions": (
+                not_ready.model_copy(
+                    update={"status": ConditionStatus.TRUE, "reason": "BudgetApplied"}
+                ),
+            ),
+            "headroom": 3,
+        }
+    )
     assert status_changes(before, after) == [
         "allocations[api].state",
         "conditions[Ready].reason/status",
         "headroom",
     ]
-    reordered = {**before, "allocations": list(reversed(allocations))}
+    reordered = before.model_copy(update={"allocations": tuple(reversed(allocations))})
     assert status_changes(before, reordered) == ["allocations"]
 
 
@@ -538,7 +563,7 @@ def watched_world() -> World:
     return world
 
 
-def healthy(world: World) -> dict[str, Any]:
+def healthy(world: World) -> Condition:
     return world.condition("DatabaseHealthy")
 
 
@@ -568,13 +593,15 @@ async def test_the_watch_fills_status_and_metrics_on_each_refresh() -> None:
     )
     await world.reconcile()
     assert world.probers[-1].activity_reads == [5.0]  # idleInTransactionWarningSeconds
-    api = world.status["allocations"][0]
-    assert api["peakConnections"] == 180
-    assert api["liveConnections"] == {
+    api = world.allocation()
+    assert api.peak_connections == 180
+    assert api.live_connections is not None
+    assert api.live_connections.to_body() == {
         "applicationName": "api", "active": 3, "idle": 40, "idleInTransaction": 1,
         "unknown": 0, "total": 44,
     }  # fmt: skip
-    status = world.status["activity"]
+    assert world.status.activity is not None
+    status = world.status.activity.to_body()
     assert {k: v for k, v in status.items() if k != "observedTime"} == {
         "connectionsInUse": 53,
         "unbudgetedConnections": 8,
@@ -588,9 +615,9 @@ async def test_the_watch_fills_status_and_metrics_on_each_refresh() -> None:
         "staleTransactions": 0,
         "visibility": "Full",
     }
-    assert healthy(world)["status"] == "True"
-    assert healthy(world)["reason"] == "WithinThresholds"
-    summary = healthy(world)["message"]
+    assert healthy(world).status is ConditionStatus.TRUE
+    assert healthy(world).reason == "WithinThresholds"
+    summary = healthy(world).message
     assert "53 of 190 usable connections in use, 8 of them by clients of no target" in summary
     budget = {"namespace": "shop", "poolbudget": "shop"}
     sample = REGISTRY.get_sample_value
@@ -606,9 +633,12 @@ async def test_a_plain_role_sees_a_partial_view_and_status_says_which_grant() ->
     world.probers.append(FakeProber(DSN))
     world.probers[-1].activity_result = activity(("api", SessionState.UNKNOWN, 12), OPERATOR_ROW)
     await world.reconcile()
-    assert world.status["activity"]["visibility"] == "Partial"
-    assert world.status["allocations"][0]["liveConnections"]["unknown"] == 12
-    message = healthy(world)["message"]
+    assert world.status.activity is not None
+    assert world.status.activity.visibility is Visibility.PARTIAL
+    live = world.allocation().live_connections
+    assert live is not None
+    assert live.unknown == 12
+    message = healthy(world).message
     assert "grant pg_monitor for states, lock waits and stale transactions" in message
 
 
@@ -616,7 +646,7 @@ async def test_a_raised_signal_warns_once_and_clears_with_one_normal_event() -> 
     world = watched_world()
     await world.reconcile()
     await world.reconcile()  # rolled out: Ready
-    assert world.condition("Ready")["status"] == "True"
+    assert world.condition("Ready").status is ConditionStatus.TRUE
     leaking = activity(("api", SessionState.IDLE, 185), OPERATOR_ROW)
 
     await refresh(world, leaking)
@@ -624,10 +654,12 @@ async def test_a_raised_signal_warns_once_and_clears_with_one_normal_event() -> 
     message = world.kube.events[-1][2]
     assert "Deployment api holds 185 connections" in message
     assert "5 over its allocation of 180" in message
-    assert healthy(world)["status"] == "False"
-    assert healthy(world)["reason"] == "OverAllocation"
-    assert "Deployment api holds 185 connections" in healthy(world)["message"]
-    assert world.condition("Ready")["status"] == "True"  # the plan is applied all the same
+    assert healthy(world).status is ConditionStatus.FALSE
+    assert healthy(world).reason == "OverAllocation"
+    assert "Deployment api holds 185 connections" in healthy(world).message
+    assert (
+        world.condition("Ready").status is ConditionStatus.TRUE
+    )  # the plan is applied all the same
 
     await world.reconcile()  # woken between refreshes: the reading is not judged again
     await refresh(world, leaking)  # the same signal at the next refresh: no new event
@@ -637,7 +669,7 @@ async def test_a_raised_signal_warns_once_and_clears_with_one_normal_event() -> 
     for _ in range(2):  # raised signals clear after three clean refreshes, not one
         await refresh(world, clean)
         await world.reconcile()
-        assert healthy(world)["status"] == "False"
+        assert healthy(world).status is ConditionStatus.FALSE
     assert warnings_and_notices(world) == [("Warning", "OverAllocation")]
     await refresh(world, clean)
     assert warnings_and_notices(world) == [
@@ -645,8 +677,8 @@ async def test_a_raised_signal_warns_once_and_clears_with_one_normal_event() -> 
         ("Normal", "OverAllocationCleared"),
     ]
     assert "OverAllocation (api) cleared after 3 clean refreshes" in world.kube.events[-1][2]
-    assert healthy(world)["status"] == "True"
-    assert world.condition("Ready")["status"] == "True"
+    assert healthy(world).status is ConditionStatus.TRUE
+    assert world.condition("Ready").status is ConditionStatus.TRUE
 
 
 async def test_a_failed_activity_read_keeps_configmaps_and_the_signals_and_is_reported() -> None:
@@ -656,7 +688,7 @@ async def test_a_failed_activity_read_keeps_configmaps_and_the_signals_and_is_re
     await world.reconcile()
     await world.reconcile()
     await refresh(world, activity(("api", SessionState.IDLE, 185), OPERATOR_ROW))
-    assert healthy(world)["reason"] == "OverAllocation"
+    assert healthy(world).reason == "OverAllocation"
     good = dict(world.kube.configmaps["api-db-pool"].data)
     world.kube.writes.clear()
 
@@ -665,11 +697,13 @@ async def test_a_failed_activity_read_keeps_configmaps_and_the_signals_and_is_re
         await refresh(world, failure)
     assert [w for w in world.kube.writes if w[0] in ("configmap", "restart")] == []
     assert world.kube.configmaps["api-db-pool"].data == good
-    assert world.condition("Ready")["status"] == "True"
-    assert world.condition("DatabaseObserved")["status"] == "True"
-    assert healthy(world)["status"] == "False"  # still raised: a failed read is no clean one
-    assert healthy(world)["reason"] == "OverAllocation"
-    message = healthy(world)["message"]
+    assert world.condition("Ready").status is ConditionStatus.TRUE
+    assert world.condition("DatabaseObserved").status is ConditionStatus.TRUE
+    assert (
+        healthy(world).status is ConditionStatus.FALSE
+    )  # still raised: a failed read is no clean one
+    assert healthy(world).reason == "OverAllocation"
+    message = healthy(world).message
     assert "the last read of pg_stat_activity failed (monitor@db:5432/shop did not" in message
     assert warnings_and_notices(world) == [("Warning", "OverAllocation")]
     assert "hunter2" not in repr(world.kube.statuses) + repr(world.kube.events)
@@ -677,8 +711,8 @@ async def test_a_failed_activity_read_keeps_configmaps_and_the_signals_and_is_re
     clean = activity(("api", SessionState.IDLE, 20), OPERATOR_ROW)
     for _ in range(3):
         await refresh(world, clean)
-    assert healthy(world)["status"] == "True"
-    assert "failed" not in healthy(world)["message"]
+    assert healthy(world).status is ConditionStatus.TRUE
+    assert "failed" not in healthy(world).message
 
 
 async def test_a_first_activity_read_that_fails_leaves_the_condition_unknown() -> None:
@@ -686,10 +720,11 @@ async def test_a_first_activity_read_that_fails_leaves_the_condition_unknown() -
     world.probers.append(FakeProber(DSN, activity_result=RuntimeError(f"boom {DSN}")))
     await world.reconcile()
     assert world.kube.configmaps["api-db-pool"].data["DB_POOL_SIZE"] == "10"
-    assert (healthy(world)["status"], healthy(world)["reason"]) == ("Unknown", "ActivityUnreadable")
-    assert "RuntimeError" in healthy(world)["message"]
+    assert (healthy(world).status, healthy(world).reason) == (
+        ConditionStatus.UNKNOWN, "ActivityUnreadable")  # fmt: skip
+    assert "RuntimeError" in healthy(world).message
     assert "hunter2" not in repr(world.status)
-    assert "activity" not in world.status
+    assert world.status.activity is None
 
 
 async def test_near_capacity_and_stale_transactions_name_what_to_look_at() -> None:
@@ -707,8 +742,8 @@ async def test_near_capacity_and_stale_transactions_name_what_to_look_at() -> No
         ("Warning", "NearCapacity"),
         ("Warning", "StaleTransactions"),
     ]
-    assert healthy(world)["reason"] == "NearCapacity"  # the first kind raised, in kind order
-    message = healthy(world)["message"]
+    assert healthy(world).reason == "NearCapacity"  # the first kind raised, in kind order
+    message = healthy(world).message
     assert "NearCapacity: 163 of 190 usable connections in use" in message
     assert "StaleTransactions: 2 sessions of reports have been idle in transaction" in message
 
@@ -716,20 +751,20 @@ async def test_near_capacity_and_stale_transactions_name_what_to_look_at() -> No
 async def test_a_watch_turned_off_reads_nothing_and_shows_nothing() -> None:
     world = watched_world()
     await world.reconcile()
-    assert "DatabaseHealthy" in [c["type"] for c in world.status["conditions"]]
+    assert world.status.condition("DatabaseHealthy") is not None
     world.spec["database"]["watch"] = {"enabled": False}
     await refresh(world, activity(OPERATOR_ROW))
     assert world.probers[0].activity_reads == [5.0]  # only the first refresh read it
-    assert "DatabaseHealthy" not in [c["type"] for c in world.status["conditions"]]
-    assert "activity" not in world.status
-    assert "liveConnections" not in world.status["allocations"][0]
+    assert world.status.condition("DatabaseHealthy") is None
+    assert world.status.activity is None
+    assert world.allocation().live_connections is None
 
 
 async def test_a_budget_without_a_database_connection_has_no_watch() -> None:
     world = World()
     world.spec["database"] = {"maxConnectionsOverride": 200}
     await world.reconcile()
-    assert [c["type"] for c in world.status["conditions"]] == [
+    assert [c.type for c in world.status.conditions or ()] == [
         "Ready", "DatabaseObserved", "BudgetFeasible", "RolloutComplete"
     ]  # fmt: skip
 
@@ -745,7 +780,8 @@ async def test_after_a_restart_the_status_is_written_once_the_rollout_had_a_mome
     assert kinds == ["configmap", "restart", "event", "event"]
     held = world.memory.last_status
     assert held is not None
-    assert held["allocations"][0]["state"] == "Rolling"
+    assert held.allocations is not None
+    assert held.allocations[0].state is AllocationState.ROLLING
     # The controller answers at once: the rollout is done; that round still holds.
     world.time += 0.2
     await world.reconcile()
@@ -756,8 +792,9 @@ async def test_after_a_restart_the_status_is_written_once_the_rollout_had_a_mome
     assert statuses == ["status"]
     written = world.memory.written_status
     assert written is not None
-    assert written["allocations"][0]["state"] != "Rolling"
-    assert written["allocations"][0]["restartedTime"] == held["allocations"][0]["restartedTime"]
+    assert written.allocations is not None
+    assert written.allocations[0].state is not AllocationState.ROLLING
+    assert written.allocations[0].restarted_time == held.allocations[0].restarted_time
     # Nothing new: nothing written.
     world.time += 5
     await world.reconcile()
@@ -779,9 +816,9 @@ async def test_a_slow_rollout_holds_the_status_until_done_or_the_cap() -> None:
     world.time = 1000.0 + STATUS_HOLD_MAX_SECONDS  # the cap: written, rolling as it is
     await world.reconcile()
     assert [kind for kind, _ in world.kube.writes if kind == "status"] == ["status"]
-    assert world.status["allocations"][0]["state"] == "Rolling"
+    assert world.allocation().state is AllocationState.ROLLING
     world.deployments[api] = replace(world.deployments[api], rolling=False)
     world.time += 1
     await world.reconcile()  # done: written at once, no hold left
     assert [kind for kind, _ in world.kube.writes if kind == "status"] == ["status", "status"]
-    assert world.status["allocations"][0]["state"] != "Rolling"
+    assert world.allocation().state is not AllocationState.ROLLING

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
 
+from poolbudget.api.status import Condition, ConditionStatus
 from poolbudget.domain.facts import Frozen
 from poolbudget.domain.reasons import Reason
 
@@ -38,8 +38,10 @@ class Observation(Frozen):
     message: str
 
     @property
-    def status_text(self) -> str:
-        return "Unknown" if self.status is None else str(self.status)
+    def condition_status(self) -> ConditionStatus:
+        if self.status is None:
+            return ConditionStatus.UNKNOWN
+        return ConditionStatus.TRUE if self.status else ConditionStatus.FALSE
 
 
 def rfc3339(moment: datetime) -> str:
@@ -47,33 +49,34 @@ def rfc3339(moment: datetime) -> str:
 
 
 def merge_conditions(
-    previous: Sequence[Mapping[str, Any]],
+    previous: Sequence[Condition],
     observations: Sequence[Observation],
     generation: int,
     now: datetime,
-) -> list[dict[str, Any]]:
+) -> tuple[Condition, ...]:
     """The whole conditions list to write (a merge patch replaces lists wholesale).
 
     lastTransitionTime is carried over unless the status flips; conditions this reconcile
     did not observe are kept as they were.
     """
-    old = {str(c.get("type")): c for c in previous}
-    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in old.items()}
+    old = {c.type: c for c in previous}
+    merged = dict(old)
     for observation in observations:
         before = old.get(observation.type.value)
+        status = observation.condition_status
         transition = rfc3339(now)
-        if before is not None and before.get("status") == observation.status_text:
-            transition = str(before.get("lastTransitionTime") or transition)
-        merged[observation.type.value] = {
-            "type": observation.type.value,
-            "status": observation.status_text,
-            "reason": observation.reason,
-            "message": observation.message,
-            "observedGeneration": generation,
-            "lastTransitionTime": transition,
-        }
+        if before is not None and before.status == status:
+            transition = before.last_transition_time or transition
+        merged[observation.type.value] = Condition(
+            type=observation.type.value,
+            status=status,
+            reason=observation.reason,
+            message=observation.message,
+            observed_generation=generation,
+            last_transition_time=transition,
+        )
     order = {t.value: i for i, t in enumerate(CONDITION_ORDER)}
-    return sorted(merged.values(), key=lambda c: (order.get(c["type"], len(order)), c["type"]))
+    return tuple(sorted(merged.values(), key=lambda c: (order.get(c.type, len(order)), c.type)))
 
 
 def feeds_ready(observation: Observation) -> bool:

@@ -31,6 +31,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
+from poolbudget.api.status import (
+    Allocation,
+    AllocationState,
+    DatabaseStatus,
+    PlanVerdict,
+    PoolBudgetStatus,
+)
 from poolbudget.api.v1alpha1 import PoolBudgetSpec, RolloutStrategy, Target
 from poolbudget.domain.activity import (
     BudgetUsage,
@@ -86,8 +93,8 @@ MIN_BACKOFF_SECONDS = 5.0
 # After a write, look again this soon: a write may wake nothing (the ConfigMap of a
 # Deployment that does not exist yet, say), and the level must be confirmed.
 RECHECK_AFTER_WRITE_SECONDS = 1.0
-CONFLICT = "Conflict"  # status.allocations[].state of a target this budget does not own
-IN_FLIGHT = (TargetPhase.ROLLING.value, TargetPhase.PENDING.value)
+# status.allocations[].state of a target still rolling out or waiting its turn.
+IN_FLIGHT = (AllocationState.ROLLING, AllocationState.PENDING)
 
 
 # --- what a decision needs ---------------------------------------------------------------
@@ -159,7 +166,7 @@ class Inputs:
     database: DatabaseFacts | DatabaseUnavailable | None  # None with an invalid spec
     database_failures: int  # failures in a row, this one included (0 after a good read)
     targets: Mapping[str, TargetFacts]  # every target of the spec, by Deployment name
-    previous: Mapping[str, Any]  # the status this round builds on (transition times ...)
+    previous: PoolBudgetStatus  # the status this round builds on (transition times ...)
     template_hash_seen: Mapping[str, str]  # per Deployment, its wanted hash once seen
     watch: WatchMemory
     seconds_until_refresh: float  # until the limits are read again
@@ -199,7 +206,7 @@ class Restart:
 @dataclass(frozen=True, kw_only=True)
 class Decision:
     outcome: Outcome
-    status: dict[str, Any]
+    status: PoolBudgetStatus
     next_check_seconds: float | None
     writes: tuple[ConfigMapWrite, ...] = ()
     restarts: tuple[Restart, ...] = ()
@@ -223,7 +230,7 @@ class Decision:
 
 def decide(inputs: Inputs) -> Decision:
     spec, previous = inputs.spec, inputs.previous
-    previous_states = {str(a.get("deploymentName")): a for a in previous.get("allocations") or []}
+    previous_states = _allocations_by_name(previous)
 
     # 1. An invalid spec: the schema usually refuses it; what it cannot check lands here.
     if isinstance(spec, InvalidSpec):
@@ -358,17 +365,19 @@ def decide(inputs: Inputs) -> Decision:
     )
     observations = [observed, feasible, _rollout_observation(rollout, policy)]
     ready = _ready_of(observations, conflicts, rollout)
-    rolling_out = {e["deploymentName"] for e in allocations if e.get("state") in IN_FLIGHT}
+    rolling_out = {a.deployment_name for a in allocations if a.state in IN_FLIGHT}
     watch, health, watch_notes, judged = _judge_watch(inputs, plan, rolling_out)
     notes.extend(watch_notes)
     status = _status_with(previous, inputs, [ready, *observations, *([health] if health else [])])
-    status["database"] = _database_status(database, plan, inputs.now)
-    _put_watch(status, allocations, health, watch)
-    status["allocations"] = allocations
-    status["peakConnections"] = plan.peak_connections
-    status["usableConnections"] = plan.usable_connections
-    status["headroom"] = plan.headroom
-    status["verdict"] = plan.verdict.value
+    status = _with_watch(status, allocations, health, watch).model_copy(
+        update={
+            "database": _database_status(database, plan, inputs.now),
+            "peak_connections": plan.peak_connections,
+            "usable_connections": plan.usable_connections,
+            "headroom": plan.headroom,
+            "verdict": PlanVerdict(plan.verdict.value),
+        }
+    )
     if plan.verdict is Verdict.OVERFLOW_REDUCED:
         notes.extend(_on_change(previous, feasible, "Warning"))
 
@@ -395,8 +404,8 @@ def decide(inputs: Inputs) -> Decision:
 
 
 def failed(
-    inputs_previous: Mapping[str, Any], generation: int, now: datetime, error_type: str
-) -> tuple[dict[str, Any], tuple[PendingEvent, ...]]:
+    inputs_previous: PoolBudgetStatus, generation: int, now: datetime, error_type: str
+) -> tuple[PoolBudgetStatus, tuple[PendingEvent, ...]]:
     """A reconcile that raised must not leave a stale Ready=True standing: Ready=False
     ReconcileFailed for this generation, one Warning when it starts failing. Only the
     exception's type is shown: its text may carry anything (a DSN, say)."""
@@ -411,30 +420,34 @@ def failed(
 
 
 def with_refusals(
-    decision: Decision, refused: Mapping[str, str], previous: Mapping[str, Any], now: datetime
-) -> tuple[dict[str, Any], tuple[PendingEvent, ...]]:
+    decision: Decision, refused: Mapping[str, str], previous: PoolBudgetStatus, now: datetime
+) -> tuple[PoolBudgetStatus, tuple[PendingEvent, ...]]:
     """The status once the API server refused writes for some targets (target -> what it
     said): those targets wait, Ready=False WriteRefused names them, and one Warning Event
     tells it when it starts. The refused writes' own notes are not told."""
     if not refused:
         return decision.status, ()
-    status = dict(decision.status)
-    status["allocations"] = [
-        {**entry, "state": TargetPhase.PENDING.value, "message": f"refused: {refused[name]}"}
-        if (name := str(entry.get("deploymentName"))) in refused
+    status = decision.status
+    allocations = tuple(
+        entry.model_copy(
+            update={
+                "state": AllocationState.PENDING,
+                "message": f"refused: {refused[entry.deployment_name]}",
+            }
+        )
+        if entry.deployment_name in refused
         else entry
-        for entry in status.get("allocations") or []
-    ]
+        for entry in status.allocations or ()
+    )
     ready = _ready(
         False,
         Reason.WRITE_REFUSED,
         "the API server refused: "
         + "; ".join(f"{name}: {why}" for name, why in sorted(refused.items())),
     )
-    generation = int(status.get("observedGeneration") or 0)
-    status["conditions"] = merge_conditions(
-        status.get("conditions") or [], [ready], generation, now
-    )
+    generation = status.observed_generation or 0
+    conditions = merge_conditions(status.conditions or (), [ready], generation, now)
+    status = status.model_copy(update={"allocations": allocations, "conditions": conditions})
     return status, _on_change(previous, ready, "Warning")
 
 
@@ -488,7 +501,7 @@ def _target_state(
     rendered: Mapping[str, Mapping[str, str]],
     plan: BudgetPlan,
     adopted: Mapping[str, str],
-    previous_states: Mapping[str, Mapping[str, Any]],
+    previous_states: Mapping[str, Allocation],
 ) -> TargetState:
     name = target.deployment_name
     allocation = plan.allocation(name)
@@ -508,7 +521,7 @@ def _target_state(
         rolling=False if state is None else state.rolling,
         unobserved=False if state is None else state.unobserved,
         stalled=False if state is None else state.stalled,
-        last_restart=_parse_time(previous_states.get(name, {}).get("restartedTime")),
+        last_restart=_parse_time(_restarted_time(previous_states.get(name))),
     )
 
 
@@ -621,7 +634,7 @@ def _restart(deployment: str, desired_hash: str, plan: BudgetPlan, overwritten: 
 
 
 def _conflict_notes(
-    conflicts: Mapping[str, str], previous_states: Mapping[str, Mapping[str, Any]]
+    conflicts: Mapping[str, str], previous_states: Mapping[str, Allocation]
 ) -> list[PendingEvent]:
     return [
         PendingEvent(
@@ -633,12 +646,12 @@ def _conflict_notes(
             entry=f"{name}: {why}",
         )
         for name, why in sorted(conflicts.items())
-        if previous_states.get(name, {}).get("state") != CONFLICT
+        if _state_of(previous_states.get(name)) is not AllocationState.CONFLICT
     ]
 
 
 def _missing_notes(
-    namespace: str, rollout: RolloutPlan, previous_states: Mapping[str, Mapping[str, Any]]
+    namespace: str, rollout: RolloutPlan, previous_states: Mapping[str, Allocation]
 ) -> list[PendingEvent]:
     return [
         PendingEvent(
@@ -651,22 +664,19 @@ def _missing_notes(
         )
         for a in rollout.actions
         if a.phase is TargetPhase.MISSING
-        and previous_states.get(a.name, {}).get("state") != TargetPhase.MISSING.value
+        and _state_of(previous_states.get(a.name)) is not AllocationState.MISSING
     ]
 
 
 def _on_change(
-    previous: Mapping[str, Any], observation: Observation, type_: str
+    previous: PoolBudgetStatus, observation: Observation, type_: str
 ) -> tuple[PendingEvent, ...]:
     """An Event only when the condition flips or its reason changes: no spam."""
-    before = next(
-        (c for c in previous.get("conditions") or [] if c.get("type") == observation.type.value),
-        None,
-    )
+    before = previous.condition(observation.type.value)
     if (
         before is not None
-        and before.get("status") == observation.status_text
-        and before.get("reason") == observation.reason
+        and before.status == observation.condition_status
+        and before.reason == observation.reason
     ):
         return ()
     return (PendingEvent(type_, observation.reason, observation.message),)
@@ -685,7 +695,7 @@ def _hold(
     error: Reason,
     *,
     notes: tuple[PendingEvent, ...],
-    database_status: dict[str, Any] | None,
+    database_status: DatabaseStatus | None,
     next_check: float,
     usable: int | None = None,
     verdict: Verdict | None = None,
@@ -695,8 +705,8 @@ def _hold(
     state is judged from this round's facts against it, and says it is held."""
     assert not isinstance(inputs.spec, InvalidSpec)
     previous = inputs.previous
-    previous_states = {str(a.get("deploymentName")): a for a in previous.get("allocations") or []}
-    allocations: list[dict[str, Any]] = []
+    previous_states = _allocations_by_name(previous)
+    allocations: list[Allocation] = []
     phases: list[tuple[str, TargetPhase, str]] = []
     owned_names = {t.deployment_name for t in owned}
     for target in inputs.spec.targets:
@@ -704,9 +714,11 @@ def _hold(
         if name not in owned_names:
             allocations.append(_conflict_entry(target, conflicts.get(name, "")))
             continue
-        entry, phase = _held_entry(target, inputs.targets[name], previous_states.get(name), why)
+        entry, phase, message = _held_entry(
+            target, inputs.targets[name], previous_states.get(name), why
+        )
         allocations.append(entry)
-        phases.append((name, phase, entry["message"]))
+        phases.append((name, phase, message))
     rollout_observation = _held_rollout_observation(phases, why)
     observations = [*observations, rollout_observation]
     if inputs.spec.database.watch.enabled and inputs.spec.database.connection_secret_ref:
@@ -720,22 +732,21 @@ def _hold(
                 else "connections are not judged while the database's limits cannot be read",
             )
         )
-    status = _status_with(previous, inputs, observations)
-    status.pop("activity", None)
-    if database_status is None:
-        status.pop("database", None)
-    else:
-        status["database"] = database_status
-    status["allocations"] = allocations
-    peak = sum(int(e.get("peakConnections") or 0) for e in allocations)
-    status["peakConnections"] = peak
+    peak = sum(a.peak_connections or 0 for a in allocations)
+    update: dict[str, Any] = {
+        "activity": None,
+        "database": database_status,
+        "allocations": tuple(allocations),
+        "peak_connections": peak,
+    }
     if usable is None:
-        usable = previous.get("usableConnections")
+        usable = previous.usable_connections
     if usable is not None:
-        status["usableConnections"] = usable
-        status["headroom"] = int(usable) - peak
+        update["usable_connections"] = usable
+        update["headroom"] = usable - peak
     if verdict is not None:
-        status["verdict"] = verdict.value
+        update["verdict"] = PlanVerdict(verdict.value)
+    status = _status_with(previous, inputs, observations).model_copy(update=update)
     return Decision(
         outcome=outcome,
         status=status,
@@ -750,34 +761,31 @@ def _hold(
 
 
 def _held_entry(
-    target: Target, facts: TargetFacts, before: Mapping[str, Any] | None, why: str
-) -> tuple[dict[str, Any], TargetPhase]:
-    """A target under a held plan. Its numbers are the last plan's while its ConfigMap
-    still holds that plan's settings, else only what the ConfigMap says."""
-    name = target.deployment_name
-    entry: dict[str, Any] = {
-        "deploymentName": name,
-        "configMapName": target.resolved_config_map_name,
-    }
+    target: Target, facts: TargetFacts, before: Allocation | None, why: str
+) -> tuple[Allocation, TargetPhase, str]:
+    """A target under a held plan (its allocation, its phase, why in a few words). Its
+    numbers are the last plan's while its ConfigMap still holds that plan's settings, else
+    only what the ConfigMap says."""
+    entry = Allocation(
+        deployment_name=target.deployment_name,
+        config_map_name=target.resolved_config_map_name,
+        restarted_time=_restarted_time(before),
+    )
     data = facts.configmap.data if facts.configmap is not None else None
     held_hash: str | None = None
     if data is not None:
         pool, overflow = _int(data.get("DB_POOL_SIZE")), _int(data.get("DB_MAX_OVERFLOW"))
-        if (
-            before is not None
-            and before.get("poolSize") == pool
-            and before.get("maxOverflow") == overflow
-        ):
-            for key in ("podsWorstCase", "workers", "peakConnections", "configHash"):
-                if before.get(key) is not None:
-                    entry[key] = before[key]
-            held_hash = before.get("configHash")
-        if pool is not None:
-            entry["poolSize"] = pool
-        if overflow is not None:
-            entry["maxOverflow"] = overflow
-    if before is not None and before.get("restartedTime"):
-        entry["restartedTime"] = before["restartedTime"]
+        if before is not None and before.pool_size == pool and before.max_overflow == overflow:
+            entry = entry.model_copy(
+                update={
+                    "pods_worst_case": before.pods_worst_case,
+                    "workers": before.workers,
+                    "peak_connections": before.peak_connections,
+                    "config_hash": before.config_hash,
+                }
+            )
+            held_hash = before.config_hash
+        entry = entry.model_copy(update={"pool_size": pool, "max_overflow": overflow})
     deployment = facts.deployment
     if deployment is None:
         phase, message = TargetPhase.MISSING, "Deployment not found"
@@ -791,9 +799,8 @@ def _held_entry(
         phase, message = TargetPhase.PENDING, "its pods run other settings than its ConfigMap"
     else:
         phase, message = TargetPhase.APPLIED, "settings applied"
-    entry["state"] = phase.value
-    entry["message"] = f"{message}; {why}"
-    return entry, phase
+    said = f"{message}; {why}"
+    return entry.model_copy(update={"state": _state(phase), "message": said}), phase, said
 
 
 def _held_rollout_observation(
@@ -815,12 +822,11 @@ def _held_rollout_observation(
     )
 
 
-def _held_database_status(previous: Mapping[str, Any]) -> dict[str, Any] | None:
+def _held_database_status(previous: PoolBudgetStatus) -> DatabaseStatus | None:
     """The limits the plan in force was made with, without what was live then."""
-    database = previous.get("database")
-    if not isinstance(database, Mapping):
+    if previous.database is None:
         return None
-    return {k: v for k, v in database.items() if k != "connectionsInUse"}
+    return previous.database.model_copy(update={"connections_in_use": None})
 
 
 def _int(value: str | None) -> int | None:
@@ -858,8 +864,8 @@ def _ready_of(
 
 
 def _status_with(
-    previous: Mapping[str, Any], inputs: Inputs, observations: Sequence[Observation]
-) -> dict[str, Any]:
+    previous: PoolBudgetStatus, inputs: Inputs, observations: Sequence[Observation]
+) -> PoolBudgetStatus:
     """The previous status with these conditions merged in; Ready follows the first
     failing condition that feeds it when the round did not say."""
     if not any(o.type is ConditionType.READY for o in observations):
@@ -870,17 +876,13 @@ def _status_with(
 
 
 def _merged(
-    previous: Mapping[str, Any],
+    previous: PoolBudgetStatus,
     generation: int,
     now: datetime,
     observations: Sequence[Observation],
-) -> dict[str, Any]:
-    status = {k: v for k, v in previous.items() if k != "conditions"}
-    status["observedGeneration"] = generation
-    status["conditions"] = merge_conditions(
-        previous.get("conditions") or [], observations, generation, now
-    )
-    return status
+) -> PoolBudgetStatus:
+    conditions = merge_conditions(previous.conditions or (), observations, generation, now)
+    return previous.model_copy(update={"observed_generation": generation, "conditions": conditions})
 
 
 def _database_observation(spec: PoolBudgetSpec, database: DatabaseFacts) -> Observation:
@@ -905,28 +907,42 @@ def _database_observation(spec: PoolBudgetSpec, database: DatabaseFacts) -> Obse
     )
 
 
-def _database_status(database: DatabaseFacts, plan: BudgetPlan, now: datetime) -> dict[str, Any]:
-    status: dict[str, Any] = {
-        "maxConnections": plan.max_connections,
-        "superuserReservedConnections": database.superuser_reserved_connections,
-        "reservedConnections": database.reserved_connections,
-        "usableConnections": plan.usable_connections,
-        "observedTime": rfc3339(now),
-    }
-    if database.server_version:
-        status["serverVersion"] = database.server_version
-    if database.connections_in_use is not None:
-        status["connectionsInUse"] = database.connections_in_use
-    return status
+def _database_status(database: DatabaseFacts, plan: BudgetPlan, now: datetime) -> DatabaseStatus:
+    return DatabaseStatus(
+        max_connections=plan.max_connections,
+        superuser_reserved_connections=database.superuser_reserved_connections,
+        reserved_connections=database.reserved_connections,
+        usable_connections=plan.usable_connections,
+        connections_in_use=database.connections_in_use,
+        server_version=database.server_version or None,
+        observed_time=rfc3339(now),
+    )
 
 
-def _conflict_entry(target: Target, why: str) -> dict[str, Any]:
-    return {
-        "deploymentName": target.deployment_name,
-        "state": CONFLICT,
-        "message": why,
-        "configMapName": target.resolved_config_map_name,
-    }
+def _conflict_entry(target: Target, why: str) -> Allocation:
+    return Allocation(
+        deployment_name=target.deployment_name,
+        state=AllocationState.CONFLICT,
+        message=why,
+        config_map_name=target.resolved_config_map_name,
+    )
+
+
+def _state(phase: TargetPhase) -> AllocationState:
+    """A rollout phase as status.allocations[].state says it (the same words)."""
+    return AllocationState(phase.value)
+
+
+def _allocations_by_name(status: PoolBudgetStatus) -> dict[str, Allocation]:
+    return {a.deployment_name: a for a in status.allocations or ()}
+
+
+def _state_of(allocation: Allocation | None) -> AllocationState | None:
+    return None if allocation is None else allocation.state
+
+
+def _restarted_time(allocation: Allocation | None) -> str | None:
+    return (allocation.restarted_time or None) if allocation is not None else None
 
 
 def _allocations(
@@ -937,10 +953,8 @@ def _allocations(
     restarted: Collection[str],
     conflicts: Mapping[str, str],
     inputs: Inputs,
-) -> list[dict[str, Any]]:
-    previous_states = {
-        str(a.get("deploymentName")): a for a in inputs.previous.get("allocations") or []
-    }
+) -> list[Allocation]:
+    previous_states = _allocations_by_name(inputs.previous)
     entries = []
     for target in spec.targets:
         name = target.deployment_name
@@ -949,26 +963,24 @@ def _allocations(
             continue
         allocation = plan.allocation(name)
         action = rollout.action(name)
-        entry: dict[str, Any] = {
-            "deploymentName": name,
-            "podsWorstCase": allocation.pods,
-            "workers": allocation.workers,
-            "poolSize": allocation.pool_size,
-            "maxOverflow": allocation.max_overflow,
-            "peakConnections": allocation.peak_connections,
-            "configMapName": target.resolved_config_map_name,
-            "configHash": config_hash(rendered[name]),
-            "state": action.phase.value,
-            "message": action.message,
-        }
         restarted_time = (
-            rfc3339(inputs.now)
-            if name in restarted
-            else previous_states.get(name, {}).get("restartedTime")
+            rfc3339(inputs.now) if name in restarted else _restarted_time(previous_states.get(name))
         )
-        if restarted_time:
-            entry["restartedTime"] = restarted_time
-        entries.append(entry)
+        entries.append(
+            Allocation(
+                deployment_name=name,
+                pods_worst_case=allocation.pods,
+                workers=allocation.workers,
+                pool_size=allocation.pool_size,
+                max_overflow=allocation.max_overflow,
+                peak_connections=allocation.peak_connections,
+                config_map_name=target.resolved_config_map_name,
+                config_hash=config_hash(rendered[name]),
+                restarted_time=restarted_time,
+                state=_state(action.phase),
+                message=action.message,
+            )
+        )
     return entries
 
 
@@ -1054,24 +1066,37 @@ def _judge_watch(
     )
 
 
-def _put_watch(
-    status: dict[str, Any],
-    allocations: list[dict[str, Any]],
+def _with_watch(
+    status: PoolBudgetStatus,
+    allocations: Sequence[Allocation],
     health: Observation | None,
     watch: WatchMemory,
-) -> None:
+) -> PoolBudgetStatus:
+    """The status with these allocations and what the database watch says (DatabaseHealthy
+    and status.activity go when nothing is watched; each target shows its live
+    connections)."""
+    conditions = status.conditions
     if health is None:
-        status["conditions"] = [
-            c for c in status["conditions"] if c["type"] != ConditionType.DATABASE_HEALTHY.value
-        ]
+        conditions = tuple(
+            c for c in conditions or () if c.type != ConditionType.DATABASE_HEALTHY.value
+        )
     if health is None or watch.usage is None or watch.usage_time is None:
-        status.pop("activity", None)
-        return
-    status["activity"] = activity_status(watch.usage, watch.usage_time)
+        return status.model_copy(
+            update={"conditions": conditions, "activity": None, "allocations": tuple(allocations)}
+        )
     live = target_live(watch.usage)
-    for entry in allocations:
-        if entry["deploymentName"] in live:
-            entry["liveConnections"] = live[entry["deploymentName"]]
+    return status.model_copy(
+        update={
+            "conditions": conditions,
+            "activity": activity_status(watch.usage, watch.usage_time),
+            "allocations": tuple(
+                a.model_copy(update={"live_connections": live[a.deployment_name]})
+                if a.deployment_name in live
+                else a
+                for a in allocations
+            ),
+        }
+    )
 
 
 def _parse_time(value: Any) -> datetime | None:

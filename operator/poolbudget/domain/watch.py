@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
+from poolbudget.api.status import ActivityStatus, LiveConnections, UnbudgetedClient, Visibility
 from poolbudget.api.v1alpha1 import DatabaseWatch
 from poolbudget.domain.activity import (
     BudgetUsage,
@@ -113,42 +113,40 @@ def cleared_message(signal: Signal, settings: SignalSettings) -> str:
     )
 
 
-def live_counts(counts: StateCounts) -> dict[str, int]:
-    return {
-        "active": counts.active,
-        "idle": counts.idle,
-        "idleInTransaction": counts.idle_in_transaction,
-        "unknown": counts.unknown,
-        "total": counts.total,
-    }
+def live_connections(application_name: str, counts: StateCounts) -> LiveConnections:
+    return LiveConnections(
+        application_name=application_name,
+        active=counts.active,
+        idle=counts.idle,
+        idle_in_transaction=counts.idle_in_transaction,
+        unknown=counts.unknown,
+        total=counts.total,
+    )
 
 
-def target_live(usage: BudgetUsage) -> dict[str, dict[str, Any]]:
+def target_live(usage: BudgetUsage) -> dict[str, LiveConnections]:
     """Per Deployment: its application's live connections (status.allocations[].live).
     Targets sharing an application_name cannot be told apart: each shows the sum."""
-    live: dict[str, dict[str, Any]] = {}
-    for application in usage.targets:
-        for name in application.deployment_names:
-            live[name] = {
-                "applicationName": application.application_name,
-                **live_counts(application.live),
-            }
-    return live
+    return {
+        name: live_connections(application.application_name, application.live)
+        for application in usage.targets
+        for name in application.deployment_names
+    }
 
 
-def activity_status(usage: BudgetUsage, observed: datetime) -> dict[str, Any]:
+def activity_status(usage: BudgetUsage, observed: datetime) -> ActivityStatus:
     """status.activity: the server's client connections at the last refresh."""
     top = sorted(usage.unbudgeted, key=lambda u: (-u.live.total, u.application_name))
-    return {
-        "connectionsInUse": usage.in_use,
-        "unbudgetedConnections": usage.unbudgeted_connections,
-        "unbudgetedClients": [
-            {"applicationName": u.application_name, "connections": u.live.total}
+    return ActivityStatus(
+        connections_in_use=usage.in_use,
+        unbudgeted_connections=usage.unbudgeted_connections,
+        unbudgeted_clients=tuple(
+            UnbudgetedClient(application_name=u.application_name, connections=u.live.total)
             for u in top[:TOP_UNBUDGETED]
-        ],
-        "operatorConnections": usage.operator.total,
-        "lockWaits": usage.lock_waits,
-        "staleTransactions": usage.stale_transactions,
-        "visibility": "Partial" if usage.partial_visibility else "Full",
-        "observedTime": rfc3339(observed),
-    }
+        ),
+        operator_connections=usage.operator.total,
+        lock_waits=usage.lock_waits,
+        stale_transactions=usage.stale_transactions,
+        visibility=Visibility.PARTIAL if usage.partial_visibility else Visibility.FULL,
+        observed_time=rfc3339(observed),
+    )
