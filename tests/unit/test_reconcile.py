@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from poolbudget.adapters.kube import NotFoundError
 from poolbudget.adapters.postgres import DatabaseAuthError
 from poolbudget.api.status import (
+    ActivityStatus,
     Allocation,
     AllocationState,
     Condition,
@@ -515,6 +516,7 @@ def test_status_changes_name_the_fields_and_ignore_volatile_ones() -> None:
     before = PoolBudgetStatus(
         observed_generation=1,
         database=database,
+        activity=ActivityStatus(connections_in_use=9, observed_time="t1"),
         allocations=allocations,
         conditions=(not_ready,),
     )
@@ -524,9 +526,11 @@ def test_status_changes_name_the_fields_and_ignore_volatile_ones() -> None:
             "database": database.model_copy(
                 update={"connections_in_use": 9, "observed_time": "t2"}
             ),
+            "activity": ActivityStatus(connections_in_use=9, observed_time="t2"),
         }
     )
     assert status_changes(before, quiet) == []
+    assert status_changes(before.to_body(), quiet) == []  # the body as read, unparsed
     after = before.model_copy(
         update={
             "allocations": (
@@ -548,6 +552,10 @@ def test_status_changes_name_the_fields_and_ignore_volatile_ones() -> None:
     ]
     reordered = before.model_copy(update={"allocations": tuple(reversed(allocations))})
     assert status_changes(before, reordered) == ["allocations"]
+    # What this version cannot represent, on the server: a change, so it is replaced.
+    stale = {**before.to_body(), "allocations": [*before.to_body()["allocations"],
+                                                 {"deploymentName": "old", "state": "Bogus"}]}  # fmt: skip
+    assert status_changes(stale, before) == ["allocations[old].deploymentName/state"]
 
 
 # --- the database watch (spec.database.watch) ---------------------------------------------
