@@ -127,8 +127,9 @@ class BudgetMemory:
     dsn_fingerprint: str | None = None
     prober: DatabaseProber | None = None
     failures: int = 0
-    # `last_status` and `written_status` (properties below) kept as compact JSON: a
-    # status as dicts is about 10 KiB, as JSON about 2.5 (1,000 budgets: 9.4 -> 2.5 MiB).
+    # `last_status` and `written_status` (properties below) kept as compact JSON of
+    # to_body(), decoded with the model when read: a status as dicts is about 10 KiB, as
+    # models about 16, as JSON about 2.5-3 (1,000 budgets: 9.4 -> 2.5 MiB as dicts).
     _last_status: bytes | None = field(default=None, repr=False)
     _written_status: bytes | None = field(default=None, repr=False)
     # After a restart, status writes are held (loop times): see Reconciler._write_status.
