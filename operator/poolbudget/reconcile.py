@@ -290,6 +290,7 @@ class Reconciler:
             targets=targets,
             watch=memory.watch,
             seconds_until_refresh=self._seconds_until_refresh(spec, memory),
+            admission_guard=self.admission is not None,
             **common,
         )
 

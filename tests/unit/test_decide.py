@@ -404,3 +404,10 @@ def test_a_decision_counts_only_documented_error_reasons() -> None:
             next_check_seconds=None,
             error=Reason.PROBED,
         )
+
+
+def test_the_admission_guards_limits_are_computed_only_when_it_is_enabled() -> None:
+    assert decide(inputs(spec("api"))).admission is None
+    limits = decide(inputs(spec("api"), admission_guard=True)).admission
+    assert limits is not None
+    assert [limit.deployment for limit in limits] == ["api"]

@@ -171,6 +171,7 @@ class Inputs:
     watch: WatchMemory
     seconds_until_refresh: float  # until the limits are read again
     now: datetime
+    admission_guard: bool = False  # compute the admission guard's limits (it is enabled)
 
 
 # --- what it decides ---------------------------------------------------------------------
@@ -279,7 +280,11 @@ def decide(inputs: Inputs) -> Decision:
     facts = {
         t.deployment_name: _deployment_facts(t, inputs.targets[t.deployment_name]) for t in owned
     }
-    admission = admission_limits(spec, database, inputs.budget.name, owned, facts)
+    admission = (
+        admission_limits(spec, database, inputs.budget.name, owned, facts)
+        if inputs.admission_guard
+        else None
+    )
 
     # 4. The plan.
     plan = plan_budget(
@@ -314,9 +319,10 @@ def decide(inputs: Inputs) -> Decision:
         t.deployment_name: render_configmap_data(spec, t, plan.allocation(t.deployment_name))
         for t in owned
     }
+    hashes = {name: config_hash(data) for name, data in rendered.items()}
     states = [
         _target_state(
-            t, inputs.targets[t.deployment_name], rendered, plan, adopted, previous_states
+            t, inputs.targets[t.deployment_name], rendered, hashes, plan, adopted, previous_states
         )
         for t in owned
     ]
@@ -338,6 +344,7 @@ def decide(inputs: Inputs) -> Decision:
             by_target[a.name],
             inputs.targets[a.name].configmap,
             rendered[a.name],
+            hashes[a.name],
             plan,
             adopted.get(a.name),
         )
@@ -345,7 +352,7 @@ def decide(inputs: Inputs) -> Decision:
         if a.write_configmap
     )
     restarts = tuple(
-        _restart(a.name, config_hash(rendered[a.name]), plan, a.name in overwritten)
+        _restart(a.name, hashes[a.name], plan, a.name in overwritten)
         for a in rollout.actions
         if a.restart
     )
@@ -356,7 +363,7 @@ def decide(inputs: Inputs) -> Decision:
         *_missing_notes(inputs.budget.namespace, rollout, previous_states),
     ]
     restarted = {r.deployment for r in restarts}
-    allocations = _allocations(spec, plan, rollout, rendered, restarted, conflicts, inputs)
+    allocations = _allocations(spec, plan, rollout, hashes, restarted, conflicts, inputs)
     feasible = Observation(
         type=ConditionType.BUDGET_FEASIBLE,
         status=True,
@@ -499,6 +506,7 @@ def _target_state(
     target: Target,
     facts: TargetFacts,
     rendered: Mapping[str, Mapping[str, str]],
+    hashes: Mapping[str, str],
     plan: BudgetPlan,
     adopted: Mapping[str, str],
     previous_states: Mapping[str, Allocation],
@@ -508,7 +516,7 @@ def _target_state(
     current, state = facts.configmap, facts.deployment
     return TargetState(
         name=name,
-        desired_hash=config_hash(rendered[name]),
+        desired_hash=hashes[name],
         desired_per_worker=allocation.pool_size + allocation.max_overflow,
         # An adopted ConfigMap is written once whatever it holds: the write puts this
         # budget's label on it.
@@ -549,6 +557,7 @@ def _configmap_write(
     target: Target,
     before: ConfigMapLike | None,
     data: dict[str, str],
+    data_hash: str,
     plan: BudgetPlan,
     adopted_from: str | None,
 ) -> ConfigMapWrite:
@@ -597,7 +606,7 @@ def _configmap_write(
         name=name,
         data=data,
         labels=managed_labels(budget),
-        annotations={ANNOTATION_CONFIG_HASH: config_hash(data)},
+        annotations={ANNOTATION_CONFIG_HASH: data_hash},
         notes=tuple(notes),
     )
 
@@ -949,7 +958,7 @@ def _allocations(
     spec: PoolBudgetSpec,
     plan: BudgetPlan,
     rollout: RolloutPlan,
-    rendered: Mapping[str, Mapping[str, str]],
+    hashes: Mapping[str, str],
     restarted: Collection[str],
     conflicts: Mapping[str, str],
     inputs: Inputs,
@@ -975,7 +984,7 @@ def _allocations(
                 max_overflow=allocation.max_overflow,
                 peak_connections=allocation.peak_connections,
                 config_map_name=target.resolved_config_map_name,
-                config_hash=config_hash(rendered[name]),
+                config_hash=hashes[name],
                 restarted_time=restarted_time,
                 state=_state(action.phase),
                 message=action.message,
