@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -136,14 +134,9 @@ class ConfigMapCache(Protocol):
 def _translate(exc: ApiException, what: str) -> KubeError:
     if exc.status == 404:
         return NotFoundError(f"{what} not found", status=404)
-    # apiclient.status_error puts the Status object's message in `body`; a raw Status
-    # (from kubernetes' own calls) is parsed for it.
-    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
-    message = str(body) if body else None
-    with contextlib.suppress(ValueError, TypeError):
-        answer = json.loads(body) if body else None
-        if isinstance(answer, dict):
-            message = str(answer.get("message") or "") or None
+    # Every call here goes through apiclient.read_json, whose status_error has already put
+    # the Status object's message in `body`.
+    message = str(exc.body) if exc.body else None
     return KubeError(
         f"{what}: API error {exc.status} {exc.reason}: {message}",
         status=exc.status,
