@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -379,12 +379,7 @@ class Reconciler:
         except Exception as exc:
             metrics.ACTIVITY_READS.labels(**labels, result="error").inc()
             error = str(exc) if isinstance(exc, DatabaseProbeError) else type(exc).__name__
-            memory.watch = WatchMemory(
-                read_error=error,
-                signals=watch.signals,
-                usage=watch.usage,
-                usage_time=watch.usage_time,
-            )
+            memory.watch = replace(watch, pending=None, read_error=error)
             logger.warning(
                 "%s/%s: reading pg_stat_activity failed: %s",
                 labels["namespace"],
@@ -393,9 +388,7 @@ class Reconciler:
             )
             return
         metrics.ACTIVITY_READS.labels(**labels, result="ok").inc()
-        memory.watch = WatchMemory(
-            pending=reading, signals=watch.signals, usage=watch.usage, usage_time=watch.usage_time
-        )
+        memory.watch = replace(watch, pending=reading, read_error=None)
 
     def _seconds_until_refresh(self, spec: PoolBudgetSpec, memory: BudgetMemory) -> float:
         refresh = float(spec.database.refresh_seconds)

@@ -272,6 +272,7 @@ def decide(inputs: Inputs) -> Decision:
             [observed],
             Outcome.DATABASE_ERROR,
             database.reason,
+            previous_states=previous_states,
             notes=_on_change(previous, observed, "Warning"),
             database_status=_held_database_status(previous),
             next_check=backoff,
@@ -306,6 +307,7 @@ def decide(inputs: Inputs) -> Decision:
             [observed, infeasible],
             Outcome.INFEASIBLE,
             Reason.BUDGET_INFEASIBLE,
+            previous_states=previous_states,
             notes=_on_change(previous, infeasible, "Warning"),
             database_status=_database_status(database, plan, inputs.now),
             next_check=float(spec.database.refresh_seconds),
@@ -363,7 +365,9 @@ def decide(inputs: Inputs) -> Decision:
         *_missing_notes(inputs.budget.namespace, rollout, previous_states),
     ]
     restarted = {r.deployment for r in restarts}
-    allocations = _allocations(spec, plan, rollout, hashes, restarted, conflicts, inputs)
+    allocations = _allocations(
+        spec, plan, rollout, hashes, restarted, conflicts, previous_states, inputs.now
+    )
     feasible = Observation(
         type=ConditionType.BUDGET_FEASIBLE,
         status=True,
@@ -703,6 +707,7 @@ def _hold(
     outcome: Outcome,
     error: Reason,
     *,
+    previous_states: Mapping[str, Allocation],
     notes: tuple[PendingEvent, ...],
     database_status: DatabaseStatus | None,
     next_check: float,
@@ -714,7 +719,6 @@ def _hold(
     state is judged from this round's facts against it, and says it is held."""
     assert not isinstance(inputs.spec, InvalidSpec)
     previous = inputs.previous
-    previous_states = _allocations_by_name(previous)
     allocations: list[Allocation] = []
     phases: list[tuple[str, TargetPhase, str]] = []
     owned_names = {t.deployment_name for t in owned}
@@ -961,9 +965,9 @@ def _allocations(
     hashes: Mapping[str, str],
     restarted: Collection[str],
     conflicts: Mapping[str, str],
-    inputs: Inputs,
+    previous_states: Mapping[str, Allocation],
+    now: datetime,
 ) -> list[Allocation]:
-    previous_states = _allocations_by_name(inputs.previous)
     entries = []
     for target in spec.targets:
         name = target.deployment_name
@@ -973,7 +977,7 @@ def _allocations(
         allocation = plan.allocation(name)
         action = rollout.action(name)
         restarted_time = (
-            rfc3339(inputs.now) if name in restarted else _restarted_time(previous_states.get(name))
+            rfc3339(now) if name in restarted else _restarted_time(previous_states.get(name))
         )
         entries.append(
             Allocation(
