@@ -7,6 +7,7 @@ de-duplication, prober reuse, and that a DSN never leaks.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -238,6 +239,96 @@ async def test_once_it_remembers_its_status_the_budget_copy_needs_none() -> None
     assert kept["spec"] == world.spec
     assert kept["spec"] is not world.spec
     assert "managedFields" not in kept["metadata"]
+
+
+async def test_a_restart_that_finds_its_status_on_the_server_remembers_it_as_written() -> None:
+    # After an operator restart nothing changed: no status write, yet the memory knows the
+    # server's status, so the loop's copy of the PoolBudget can drop its own (10 KiB each).
+    def restarted(world: World) -> World:
+        return World(kube=world.kube, status_hold=False, server_status=world.server_status,
+                     deployments=world.deployments, spec=world.spec)  # fmt: skip
+
+    world = World(status_hold=False)
+    for _ in range(3):  # written, restarted, rolled out: settled
+        await world.reconcile()
+    # A fresh memory judges a little differently (the rollout it did not see): the first
+    # restart may write; the second finds exactly what it would write.
+    first = restarted(world)
+    await first.reconcile()
+    world.kube.writes.clear()
+    second = restarted(first)
+    assert not second.memory.knows_status
+    await second.reconcile()
+    assert second.kube.writes == []
+    assert second.memory.knows_status
+    written = second.memory.written_status
+    assert written is not None and status_changes(first.server_status, written) == []
+
+
+@dataclass
+class GatedKube(FakeKube):
+    """Every ConfigMap write waits for `gate`; counts the rounds writing at once."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    writing: int = 0
+    most_writing: int = 0
+
+    async def read_configmap(self, namespace: str, name: str) -> FakeConfigMap | None:
+        return self.configmaps.get(f"{namespace}/{name}")
+
+    async def apply_configmap(
+        self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str],
+        annotations: dict[str, str],
+    ) -> None:  # fmt: skip
+        self.writing += 1
+        self.most_writing = max(self.most_writing, self.writing)
+        await self.gate.wait()
+        self.writing -= 1
+        await super().apply_configmap(namespace, f"{namespace}/{name}", data, labels, annotations)
+
+
+@dataclass
+class GatedProber(FakeProber):
+    """Every probe waits for `gate`; counts the probes waiting at once."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: list[str] = field(default_factory=list)
+
+    async def probe(self) -> DatabaseFacts:
+        self.waiting.append(self.dsn)
+        await self.gate.wait()
+        return await super().probe()
+
+
+async def test_rounds_in_flight_are_bounded_but_database_reads_are_not() -> None:
+    # A cold start of many budgets must not decide every round before the first write is
+    # sent (their inputs and decisions all alive at once); a slow database, though, must
+    # not hold up other budgets' rounds: it is read before a round takes its slot.
+    kube, probes = GatedKube(), GatedProber(DSN)
+    reconciler = Reconciler(kube=kube, prober_factory=lambda dsn: probes, clock=lambda: NOW,
+                            monotonic=lambda: 1000.0, rounds_in_flight=2)  # fmt: skip
+    world = World()
+    rounds = [
+        asyncio.create_task(reconciler.reconcile(
+            BudgetObject(namespace=f"ns{i}", name="shop", uid=f"u{i}", generation=1,
+                         created="2026-01-01T00:00:00Z", spec=world.spec, status={}),
+            Observed(deployments={(f"ns{i}", "api"): world.deployments[("shop", "api")]},
+                     hpa_max_replicas={}, claims={}),
+            BudgetMemory(),
+        ))
+        for i in range(5)
+    ]  # fmt: skip
+    await asyncio.sleep(0.05)
+    assert len(probes.waiting) == 5  # every database read at once
+    assert kube.writing == 0
+    probes.gate.set()
+    await asyncio.sleep(0.05)
+    assert kube.writing == 2  # two rounds writing, three waiting for a slot
+    kube.gate.set()
+    results = await asyncio.gather(*rounds)
+    assert kube.most_writing == 2
+    assert [r.status.condition("Ready") is not None for r in results] == [True] * 5
+    assert sum(kind == "configmap" for kind, _ in kube.writes) == 5
 
 
 def three_targets() -> World:
