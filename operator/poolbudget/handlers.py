@@ -205,12 +205,22 @@ class Runtime:
         )
         self.loops[key] = loop
 
+    def forget_status(self, key: Key) -> None:
+        """Drop the status from a budget's kept body once its loop remembers its own (see
+        kept_body); the next PoolBudget event keeps a body without one anyway."""
+        kept = self.bodies.get(key)
+        if kept is not None:
+            kept["status"] = {}
+
     def stop_loop(self, key: Key) -> None:
         """Let the budget's loop leave after its current round (never mid-write)."""
         self.bodies.pop(key, None)
         loop = self.loops.pop(key, None)
         if loop is not None:
             loop.stopped.set()
+            # Wakes it if it sleeps. A loop started again for the key at once (a budget
+            # deleted and created again) shares the event: one extra round at most.
+            self.wakeup(key).set()
 
     async def stop_loops(self, grace: float) -> None:
         """Operator shutdown: every loop leaves; one still writing after `grace` seconds
@@ -507,12 +517,12 @@ async def budget_loop(runtime: Runtime, key: Key, loop: BudgetLoop) -> None:
             # Every round, not just the first: after a broken watch the cache is stale
             # until relisted, and a decision on it can cost an extra restart.
             if not runtime.is_synced():
-                await _first_of(runtime.synced(), stopped.wait(), delay=None)
+                await _first_of(runtime.synced(), stopped.wait())
             if stopped.is_set() or (body := runtime.bodies.get(key)) is None:
                 break
             wake.clear()
             delay = await _reconcile_once(runtime, key, body, loop)
-            await _first_of(wake.wait(), stopped.wait(), delay=delay)
+            await _sleep(wake, delay)
     finally:
         if runtime.memories.get(key) is loop.memory:
             del runtime.memories[key]
@@ -550,18 +560,29 @@ async def _reconcile_once(
         except Exception:  # the API server may be what failed; the log has it
             logger.warning("PoolBudget %s/%s: could not report the failure", *key)
         return 10.0
+    if loop.memory.knows_status and body.get("status"):
+        runtime.forget_status(key)
     return result.next_check_seconds
 
 
-async def _first_of(*waits: Awaitable[Any], delay: float | None) -> None:
-    """Wait for whichever comes first: one of `waits`, or `delay` seconds (None: no limit).
+async def _sleep(wake: asyncio.Event, delay: float | None) -> None:
+    """Until `wake` is set (stop_loop sets it too) or `delay` seconds pass (None: no
+    limit). A timeout around one wait, not `_first_of`: its two tasks a sleeper, with their
+    coroutines and futures, were about 3 KiB for each of 1,000 sleeping loops."""
+    try:
+        async with asyncio.timeout(delay):
+            await wake.wait()
+    except TimeoutError:
+        pass
 
-    The loop always waits on `stopped` too: a budget being deleted (its namespace
-    terminating) must stop at once, not reconcile on every wake-up until Kopf cancels it.
-    """
+
+async def _first_of(*waits: Awaitable[Any]) -> None:
+    """Wait for whichever of `waits` comes first. A loop waiting for the informers to list
+    waits on its `stopped` too: a budget being deleted (its namespace terminating) must
+    stop at once."""
     tasks = [asyncio.ensure_future(wait) for wait in waits]
     try:
-        await asyncio.wait(tasks, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()
