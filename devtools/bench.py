@@ -486,14 +486,17 @@ def measure_scale(
     for namespace in namespaces:
         cluster.kubectl("create", "namespace", namespace)
     started = time.monotonic()
+    # One apply per namespace (about 300 objects): one kubectl per budget took 6 minutes
+    # for 1,000 budgets, this about 25 s.
+    documents: dict[str, list[dict[str, Any]]] = {namespace: [] for namespace in namespaces}
     for b in range(budgets):
-        namespace = namespaces[b % len(namespaces)]
         names = [f"d{b}-{t}" for t in range(per_budget)]
-        apply(
-            cluster,
-            namespace,
-            [*(deployment_manifest(n, 0) for n in names), budget_manifest(f"b{b}", names)],
-        )
+        documents[namespaces[b % len(namespaces)]] += [
+            *(deployment_manifest(n, 0) for n in names),
+            budget_manifest(f"b{b}", names),
+        ]
+    for namespace, manifests in documents.items():
+        apply(cluster, namespace, manifests)
     created = time.monotonic() - started
 
     operator = contender.operator(cluster, state, "-scale")
