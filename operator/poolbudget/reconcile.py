@@ -531,7 +531,7 @@ class Reconciler:
             if recorded is None:
                 # The server holds this status already (a restart that finds its work
                 # done): remembered as written, the PoolBudget's own copy is no longer
-                # needed (handlers.kept_body), about 10 KiB a budget.
+                # needed (handlers.kept_body).
                 memory.written_status = status
             return
         try:

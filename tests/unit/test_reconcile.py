@@ -8,6 +8,7 @@ de-duplication, prober reuse, and that a DSN never leaks.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +32,7 @@ from poolbudget.domain.activity import ActivityRow, DatabaseActivity, SessionSta
 from poolbudget.domain.cluster_view import Observed
 from poolbudget.domain.facts import DatabaseFacts
 from poolbudget.domain.observe import DeploymentState
-from poolbudget.handlers import kept_body
+from poolbudget.handlers import kept_body, kept_status
 from poolbudget.reconcile import (
     STATUS_HOLD_MAX_SECONDS,
     STATUS_SETTLE_SECONDS,
@@ -235,7 +236,17 @@ async def test_once_it_remembers_its_status_the_budget_copy_needs_none() -> None
     assert world.status == world.memory.written_status
     kept = kept_body({"metadata": {"name": "shop", "managedFields": [{}]},
                       "spec": world.spec, "status": world.status.to_body()}, with_status=False)  # fmt: skip
-    assert kept["status"] == {}
+    assert kept_status(kept) == {}
+    # Two budgets' specs, parsed apart, share their key strings once kept.
+    first, second = (kept_body({"metadata": {}, "spec": json.loads(json.dumps(world.spec))})
+                     for _ in range(2))  # fmt: skip
+    assert [
+        k is j
+        for k, j in zip(first["spec"]["targets"][0], second["spec"]["targets"][0], strict=True)
+    ] == [True] * len(world.spec["targets"][0])
+    with_status = kept_body({"metadata": {"name": "shop"}, "spec": world.spec,
+                             "status": world.status.to_body()})  # fmt: skip
+    assert kept_status(with_status) == world.status.to_body()
     assert kept["spec"] == world.spec
     assert kept["spec"] is not world.spec
     assert "managedFields" not in kept["metadata"]
