@@ -224,7 +224,7 @@ class Runtime:
         self.bodies.pop(key, None)
         loop = self.loops.pop(key, None)
         if loop is not None:
-            loop.stopped.set()
+            loop.stopped = True
             # Wakes it if it sleeps. A loop started again for the key at once (a budget
             # deleted and created again) shares the event: one extra round at most.
             self.wakeup(key).set()
@@ -249,7 +249,7 @@ class BudgetLoop:
     """One budget's reconcile loop: its task, its stop signal, what it remembers."""
 
     memory: BudgetMemory
-    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    stopped: bool = False  # set by stop_loop, which wakes the loop to see it
     task: asyncio.Task[None] = field(init=False)
 
 
@@ -541,14 +541,15 @@ async def budget_loop(runtime: Runtime, key: Key, loop: BudgetLoop) -> None:
     """Reconcile, then sleep until woken or until the reconciler asks to look again."""
     namespace, name = key
     wake = runtime.wakeup(key)
-    stopped = loop.stopped
     try:
-        while not stopped.is_set():
+        while not loop.stopped:
             # Every round, not just the first: after a broken watch the cache is stale
             # until relisted, and a decision on it can cost an extra restart.
             if not runtime.is_synced():
-                await _first_of(runtime.synced(), stopped.wait())
-            if stopped.is_set() or (body := runtime.bodies.get(key)) is None:
+                wake.clear()  # what woke it so far is seen once synced
+                await _first_of(runtime.synced(), wake.wait())
+                continue
+            if (body := runtime.bodies.get(key)) is None:
                 break
             wake.clear()
             delay = await _reconcile_once(runtime, key, body, loop)
@@ -608,8 +609,8 @@ async def _sleep(wake: asyncio.Event, delay: float | None) -> None:
 
 async def _first_of(*waits: Awaitable[Any]) -> None:
     """Wait for whichever of `waits` comes first. A loop waiting for the informers to list
-    waits on its `stopped` too: a budget being deleted (its namespace terminating) must
-    stop at once."""
+    waits on its wake event too, which stop_loop sets: a budget being deleted (its
+    namespace terminating) must stop at once."""
     tasks = [asyncio.ensure_future(wait) for wait in waits]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
