@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
@@ -271,4 +272,5 @@ class Informer(Generic[View]):
 
 def _key(body: Mapping[str, Any]) -> Key:
     metadata = body["metadata"]
-    return (str(metadata["namespace"]), str(metadata["name"]))
+    # Interned: thousands of keys share a few namespaces, and each body parsed its own.
+    return (sys.intern(str(metadata["namespace"])), str(metadata["name"]))
