@@ -43,7 +43,7 @@ def enabled_by(value: str | None) -> bool:
 
 class ConfigMapData(Protocol):
     @property
-    def data(self) -> dict[str, str]: ...
+    def data(self) -> Mapping[str, str]: ...
 
 
 class ParamsStore(Protocol):

@@ -76,7 +76,7 @@ async def test_reads_and_writes_on_the_real_api_server(
     await kube.apply_configmap(ns, "api-db-pool", {"DB_POOL_SIZE": "4"}, {"a": "1"}, {"b": "2"})
     view = await kube.read_configmap(ns, "api-db-pool")
     assert view is not None
-    assert (view.data, view.labels, view.annotations) == (
+    assert (dict(view.data), dict(view.labels), dict(view.annotations)) == (
         {"DB_POOL_SIZE": "4"},
         {"a": "1"},
         {"b": "2"},

@@ -18,10 +18,10 @@ import asyncio
 import base64
 import binascii
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
 from kubernetes.aio.client import ApiClient, Configuration
@@ -92,11 +92,52 @@ class NotLeaderError(KubeError):
     """A write refused before it was sent: this replica may not write (`may_write`)."""
 
 
-@dataclass(frozen=True)
+class FrozenStrMap(Mapping[str, str]):
+    """An immutable str -> str mapping kept as one tuple of interned values, against a key
+    index shared by every map with the same keys (every managed ConfigMap has the same
+    ten data keys and the same labels). A dict of ten entries is about 650 bytes, this
+    about 180; 5,000 ConfigMap views held 4.9 MiB of dicts (tracemalloc after a restart)."""
+
+    __slots__ = ("_index", "_values")
+    _indexes: ClassVar[dict[tuple[str, ...], dict[str, int]]] = {}
+    _MAX_INDEXES: ClassVar[int] = 1024  # distinct key sets shared; any further are private
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        keys = tuple(sorted(sys.intern(str(k)) for k in items or ()))
+        index = self._indexes.get(keys)
+        if index is None:
+            index = {key: position for position, key in enumerate(keys)}
+            if len(self._indexes) < self._MAX_INDEXES:
+                self._indexes[keys] = index
+        self._index = index
+        self._values = tuple(sys.intern(str((items or {})[key])) for key in keys)
+
+    def __getitem__(self, key: str) -> str:
+        return self._values[self._index[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenStrMap):
+            return self._values == other._values and list(self._index) == list(other._index)
+        return super().__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash((tuple(self._index), self._values))
+
+    def __repr__(self) -> str:
+        return f"FrozenStrMap({dict(self)!r})"
+
+
+@dataclass(frozen=True, slots=True)
 class ConfigMapView:
-    data: dict[str, str]
-    labels: dict[str, str]
-    annotations: dict[str, str]
+    data: FrozenStrMap
+    labels: FrozenStrMap
+    annotations: FrozenStrMap
 
 
 def _budget_path(namespace: str, name: str) -> str:
@@ -106,18 +147,15 @@ def _budget_path(namespace: str, name: str) -> str:
 def configmap_view(body: dict[str, Any]) -> ConfigMapView:
     """The parts of a ConfigMap the reconciler compares, from its raw JSON.
 
-    Keys and values are interned: every managed ConfigMap has the same ten keys and mostly
-    the same values, and the cache holds thousands (5,000 views: 9.8 -> 3.0 MiB)."""
+    Keys and values are interned (FrozenStrMap): every managed ConfigMap has the same ten
+    keys and mostly the same values, and the cache holds thousands (5,000 views: 9.8 MiB
+    as parsed, 3.0 interned)."""
     metadata = body.get("metadata") or {}
     return ConfigMapView(
-        data=_interned(body.get("data")),
-        labels=_interned(metadata.get("labels")),
-        annotations=_interned(metadata.get("annotations")),
+        data=FrozenStrMap(body.get("data")),
+        labels=FrozenStrMap(metadata.get("labels")),
+        annotations=FrozenStrMap(metadata.get("annotations")),
     )
-
-
-def _interned(strings: Mapping[str, str] | None) -> dict[str, str]:
-    return {sys.intern(k): sys.intern(v) for k, v in (strings or {}).items()}
 
 
 class ConfigMapCache(Protocol):
