@@ -13,8 +13,11 @@ from devtools.localcluster import LocalCluster
 from poolbudget.adapters.apiclient import close_client
 from poolbudget.adapters.credentials import load_configuration
 from poolbudget.adapters.informer import DeploymentResource, Informer, watch_client
-from poolbudget.domain.cluster_view import Key
+from poolbudget.adapters.kube import KubeGateway
+from poolbudget.domain.cluster_view import ClusterView, Key
 from poolbudget.domain.observe import DeploymentState, deployment_state
+from poolbudget.domain.rendering import ANNOTATION_CONFIG_HASH
+from poolbudget.handlers import WatchedDeployments
 from tests.e2e.support import deployment
 
 pytestmark = pytest.mark.cluster
@@ -163,3 +166,46 @@ async def test_a_relist_reports_exactly_what_changed_while_it_was_not_watching(
         assert set(watched.items) == {(ns, "kept"), (ns, "scaled"), (ns, "created")}
     finally:
         task.cancel()
+
+
+async def test_a_restart_is_seen_at_once_and_the_watch_event_still_corrects_it(
+    local_cluster: LocalCluster, kube_namespace: str, client: ApiClient
+) -> None:
+    # handlers.WatchedDeployments: the gateway's pod-template patch updates the cache from
+    # the API server's answer, so a round before the watch event does not find the old
+    # template and restart again. Watch stopped during the patch: only that can show it.
+    ns = kube_namespace
+    local_cluster.kubectl("apply", "--namespace", ns, "--filename", "-", input=deployment("api", 0))
+    recorder = Recorder()
+    watched = informer(client, ns, recorder)
+    deployments = WatchedDeployments(ClusterView())
+    deployments.by_scope[ns] = watched
+    task = asyncio.create_task(watched.run())
+    await recorder.until(lambda: (ns, "api") in watched.items, "the Deployment listed")
+    deployments.view.deployment_changed((ns, "api"), None, watched.items[(ns, "api")])
+    task.cancel()
+    configuration = await load_configuration(kubeconfig=str(local_cluster.kubeconfig))
+    gateway = KubeGateway(configuration, deployments=deployments)
+    try:
+        await gateway.annotate_pod_template(ns, "api", {ANNOTATION_CONFIG_HASH: "abc"})
+    finally:
+        await gateway.close()
+    seen = watched.items[(ns, "api")]
+    assert seen.template_hash == "abc"
+    assert seen.unobserved  # the controller has yet to see the new generation
+    assert deployments.view.deployments[(ns, "api")] is seen
+    assert recorder.changes == [((ns, "api"), None, 0)]  # nobody told: the change is ours
+
+    # The watch, resumed, shows what the controller made of it: rolled out (0 replicas).
+    task = asyncio.create_task(watched.run())
+    try:
+        await recorder.until(
+            lambda: not watched.items[(ns, "api")].unobserved, "the controller's answer"
+        )
+    finally:
+        task.cancel()
+    assert watched.items[(ns, "api")].template_hash == "abc"
+    # A patch the watch has shown already is not replaced by the (older) answer.
+    shown = watched.items[(ns, "api")]
+    deployments.restarted(ns, "api", seen)
+    assert watched.items[(ns, "api")] is shown

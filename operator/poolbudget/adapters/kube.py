@@ -39,6 +39,7 @@ from poolbudget.adapters.apiclient import (
 from poolbudget.api.status import PoolBudgetStatus
 from poolbudget.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from poolbudget.domain.decide import BudgetRef
+from poolbudget.domain.observe import DeploymentState, deployment_state
 
 FIELD_MANAGER = "poolbudget-operator"
 # Requests in flight at once, and the size of the gateway's connection pool (aiohttp's
@@ -169,6 +170,13 @@ class ConfigMapCache(Protocol):
     def remember(self, namespace: str, name: str, view: ConfigMapView) -> None: ...
 
 
+class DeploymentCache(Protocol):
+    """The watched Deployments (handlers.py keeps one informer per scope)."""
+
+    def restarted(self, namespace: str, name: str, view: DeploymentState) -> None:
+        """Our pod-template patch, as the API server answered it."""
+
+
 def _translate(exc: ApiException, what: str) -> KubeError:
     if exc.status == 404:
         return NotFoundError(f"{what} not found", status=404)
@@ -200,12 +208,14 @@ class KubeGateway:
         *,
         may_write: Callable[[], bool] | None = None,
         configmaps: ConfigMapCache | None = None,
+        deployments: DeploymentCache | None = None,
         timeout: float = REQUEST_TIMEOUT_SECONDS,
     ) -> None:
         self._client: ApiClient = api_client(configuration, MAX_IN_FLIGHT)
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._may_write = may_write
         self._configmaps = configmaps
+        self._deployments = deployments
         self._timeout = float(timeout)
 
     async def close(self) -> None:
@@ -320,7 +330,7 @@ class KubeGateway:
     ) -> None:
         """Patch pod-template annotations: the Deployment controller then rolls the pods."""
         patch = {"spec": {"template": {"metadata": {"annotations": annotations}}}}
-        await self._write(
+        written = await self._write(
             "deployment",
             namespace,
             f"Deployment {namespace}/{deployment}",
@@ -332,6 +342,8 @@ class KubeGateway:
                 content_type=MERGE_PATCH,
             ),
         )
+        if self._deployments is not None:
+            self._deployments.restarted(namespace, deployment, deployment_state(written))
 
     async def patch_budget_status(
         self, namespace: str, name: str, status: PoolBudgetStatus
