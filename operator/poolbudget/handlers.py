@@ -606,7 +606,6 @@ async def _reconcile_once(
     sleeping loops (tracemalloc at 1,000 budgets: 12 MiB held so)."""
     namespace, name = key
     claims = budget_claims(body)
-    observed = runtime.view.observe(key, claims.created, claims.deployments)
     metadata = body.get("metadata") or {}
     budget = BudgetObject(
         namespace=namespace,
@@ -618,7 +617,11 @@ async def _reconcile_once(
         status=kept_status(body),
     )
     try:
-        result = await runtime.reconciler.reconcile(budget, observed, loop.memory)
+        result = await runtime.reconciler.reconcile(
+            budget,
+            lambda: runtime.view.observe(key, claims.created, claims.deployments),
+            loop.memory,
+        )
     except Exception as error:  # the loop must survive anything; the next round retries
         logger.exception("PoolBudget %s/%s: reconcile failed; retrying", namespace, name)
         try:

@@ -227,8 +227,11 @@ class Reconciler:
         self._slots = asyncio.Semaphore(self.rounds_in_flight)
 
     async def reconcile(
-        self, budget: BudgetObject, observed: Observed, memory: BudgetMemory
+        self, budget: BudgetObject, observe: Callable[[], Observed], memory: BudgetMemory
     ) -> ReconcileResult:
+        """One round. `observe` gives the budget's view of the cluster, taken once the round
+        has its slot: a cold start's rounds may wait seconds for one, and decide on what
+        the cluster is then."""
         started = self.monotonic()
         try:
             spec = _validated(budget.spec)
@@ -238,7 +241,7 @@ class Reconciler:
                 # hold up other budgets' rounds.
                 database = await self._database(budget, spec, memory)
             async with self._slots:
-                inputs = await self.gather(budget, observed, memory, spec, database)
+                inputs = await self.gather(budget, observe(), memory, spec, database)
                 return await self.apply(budget, inputs, decide(inputs), memory)
         finally:
             metrics.RECONCILE_SECONDS.observe(max(0.0, self.monotonic() - started))

@@ -73,7 +73,9 @@ class Operator:
                               template_hash=self.template_hash, rolling=False, unobserved=False,
                               stalled=False)  # fmt: skip
         observed = Observed(deployments={("shop", "api"): api}, hpa_max_replicas={}, claims={})
-        self.status = (await self.reconciler.reconcile(budget, observed, self.memory)).status
+        self.status = (
+            await self.reconciler.reconcile(budget, lambda: observed, self.memory)
+        ).status
         self.template_hash = self.api().config_hash
 
     def api(self) -> Allocation:

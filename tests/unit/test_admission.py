@@ -382,7 +382,7 @@ async def test_each_reconcile_with_a_plan_hands_its_limits_over_feasible_or_not(
                               created="2026-01-01T00:00:00Z", spec=spec, status={})  # fmt: skip
         observed = Observed(deployments={("shop", "api"): state(replicas)},
                             hpa_max_replicas={}, claims={})  # fmt: skip
-        await reconciler.reconcile(budget, observed, BudgetMemory())
+        await reconciler.reconcile(budget, lambda: observed, BudgetMemory())
 
     await reconcile(2)
     [(namespace, budget, generation, (api,))] = admission.published

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -186,7 +187,7 @@ class World:
         budget = BudgetObject(namespace="shop", name="shop", uid="u1", generation=1, created="2026-01-01T00:00:00Z",
                               spec=self.spec, status=self.server_status)  # fmt: skip
         observed = Observed(deployments=self.deployments, hpa_max_replicas={}, claims={})
-        outcome = await reconciler.reconcile(budget, observed, self.memory)
+        outcome = await reconciler.reconcile(budget, lambda: observed, self.memory)
         self.status = outcome.status  # what this round decided (written or held)
         if self.kube.statuses:  # what the API server has: the last status written
             self.server_status = self.kube.statuses[-1]
@@ -320,12 +321,21 @@ async def test_rounds_in_flight_are_bounded_but_database_reads_are_not() -> None
     reconciler = Reconciler(kube=kube, prober_factory=lambda dsn: probes, clock=lambda: NOW,
                             monotonic=lambda: 1000.0, rounds_in_flight=2)  # fmt: skip
     world = World()
+    observed: list[int] = []  # the rounds that took their view of the cluster
+
+    def observe(i: int) -> Callable[[], Observed]:
+        def view() -> Observed:
+            observed.append(i)
+            return Observed(deployments={(f"ns{i}", "api"): world.deployments[("shop", "api")]},
+                            hpa_max_replicas={}, claims={})  # fmt: skip
+
+        return view
+
     rounds = [
         asyncio.create_task(reconciler.reconcile(
             BudgetObject(namespace=f"ns{i}", name="shop", uid=f"u{i}", generation=1,
                          created="2026-01-01T00:00:00Z", spec=world.spec, status={}),
-            Observed(deployments={(f"ns{i}", "api"): world.deployments[("shop", "api")]},
-                     hpa_max_replicas={}, claims={}),
+            observe(i),
             BudgetMemory(),
         ))
         for i in range(5)
@@ -336,6 +346,7 @@ async def test_rounds_in_flight_are_bounded_but_database_reads_are_not() -> None
     probes.gate.set()
     await asyncio.sleep(0.05)
     assert kube.writing == 2  # two rounds writing, three waiting for a slot
+    assert len(observed) == 2  # ...and those decide on the cluster as it is once they get one
     kube.gate.set()
     results = await asyncio.gather(*rounds)
     assert kube.most_writing == 2
