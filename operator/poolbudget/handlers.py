@@ -80,10 +80,10 @@ ViewUpdate = Callable[[Key, Any, Any], set[Key]]
 # that often; twice that leaves a slow relist and a re-open room without false restarts.
 INFORMER_STALL_SECONDS = 600.0
 
-# PoolBudgets per page of Kopf's start-up list. A budget the operator has written to is
-# about 30 KiB of JSON objects once parsed (its status, managedFields as large again):
-# 100 bound a page to a few MiB, where the whole list at 1,000 budgets was some 30 MiB
-# of short-lived objects, whose freed memory the allocator could not give back.
+# PoolBudgets per page of Kopf's start-up list (Kopf lists in one request by default). A
+# budget the operator has written to carries its status and managedFields as large again;
+# after a restart at 1,000 budgets they were all parsed at once: short-lived objects whose
+# freed memory the allocator keeps (see reconcile.ROUNDS_IN_FLIGHT).
 BUDGET_LIST_CHUNK = 100
 
 
@@ -332,8 +332,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Re-open watches periodically: a silently dead stream then heals itself (Kopf #1276).
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    # Kopf lists PoolBudgets in one request by default: after a restart at 1,000 budgets,
-    # every body with its status and managedFields parsed at once (see BUDGET_LIST_CHUNK).
     settings.watching.chunk_size = BUDGET_LIST_CHUNK
     settings.posting.enabled = False  # we post the Events users should see ourselves
     # Retry failed API calls within 2 s at most (Kopf's default backoffs grow to 21 s, so
@@ -480,8 +478,8 @@ def kept_body(body: Mapping[str, Any], *, with_status: bool = True) -> dict[str,
 
 def _interned_copy(value: Any) -> Any:
     """A deep copy of parsed JSON whose strings are interned: every spec repeats the same
-    keys (deploymentName, processesPerPod...), and each parse made its own (1,000
-    budgets: about 2.5 MiB of copies of a few dozen words)."""
+    keys (deploymentName, processesPerPod...), and each parse made its own (1,000 specs
+    of 5 targets with the CRD's defaults: 5.2 MiB deep-copied, 3.1 interned)."""
     if isinstance(value, str):
         return sys.intern(value)
     if isinstance(value, Mapping):
