@@ -49,6 +49,7 @@ from poolbudget.adapters.informer import (
     HpaResource,
     Informer,
     WatchClient,
+    listed_informer,
     watch_client,
 )
 from poolbudget.adapters.kube import (
@@ -96,16 +97,12 @@ class ManagedConfigMaps:
 
     by_scope: dict[str | None, Informer[ConfigMapView]] = field(default_factory=dict)
 
-    def _informer(self, namespace: str) -> Informer[ConfigMapView] | None:
-        informer = self.by_scope.get(namespace) or self.by_scope.get(None)
-        return informer if informer is not None and informer.synced.is_set() else None
-
     def cached(self, namespace: str, name: str) -> ConfigMapView | None:
-        informer = self._informer(namespace)
+        informer = listed_informer(self.by_scope, namespace)
         return None if informer is None else informer.items.get((namespace, name))
 
     def remember(self, namespace: str, name: str, view: ConfigMapView) -> None:
-        informer = self._informer(namespace)
+        informer = listed_informer(self.by_scope, namespace)
         if informer is not None:
             informer.remember((namespace, name), view)
 
@@ -128,8 +125,8 @@ class WatchedDeployments:
         and replaces this with what the controller made of it. Nobody is woken: the
         change is ours."""
         key = (namespace, name)
-        informer = self.by_scope.get(namespace) or self.by_scope.get(None)
-        if informer is None or not informer.synced.is_set():
+        informer = listed_informer(self.by_scope, namespace)
+        if informer is None:
             return
         held = informer.items.get(key)
         if held is None or held.template_hash == view.template_hash:

@@ -270,6 +270,15 @@ class Informer(Generic[View]):
         self._on_change(key, before, view)
 
 
+def listed_informer(
+    by_scope: Mapping[str | None, Informer[View]], namespace: str
+) -> Informer[View] | None:
+    """The informer covering `namespace` (its own, else the all-namespaces one), once it
+    has listed; None before that."""
+    informer = by_scope.get(namespace) or by_scope.get(None)
+    return informer if informer is not None and informer.synced.is_set() else None
+
+
 def _key(body: Mapping[str, Any]) -> Key:
     metadata = body["metadata"]
     # Interned: thousands of keys share a few namespaces, and each body parsed its own.
