@@ -104,14 +104,15 @@ class FrozenStrMap(Mapping[str, str]):
     _MAX_INDEXES: ClassVar[int] = 1024  # distinct key sets shared; any further are private
 
     def __init__(self, items: Mapping[str, str] | None = None) -> None:
-        keys = tuple(sorted(sys.intern(str(k)) for k in items or ()))
+        items = items or {}
+        keys = tuple(sorted(sys.intern(str(k)) for k in items))
         index = self._indexes.get(keys)
         if index is None:
             index = {key: position for position, key in enumerate(keys)}
             if len(self._indexes) < self._MAX_INDEXES:
                 self._indexes[keys] = index
         self._index = index
-        self._values = tuple(sys.intern(str((items or {})[key])) for key in keys)
+        self._values = tuple(sys.intern(str(items[key])) for key in keys)
 
     def __getitem__(self, key: str) -> str:
         return self._values[self._index[key]]
